@@ -39,7 +39,7 @@ _SHAREGPT_ROLES = {
     "bing": "assistant", "model": "assistant",
     "system": "system",
 }
-_MESSAGE_ROLES = {"user", "assistant", "system", "developer", "tool"}
+_MESSAGE_ROLES = {name: name for name in ("user", "assistant", "system", "developer", "tool")}
 
 
 @dataclass
@@ -301,7 +301,7 @@ def _message_text(content: Any, where: str, label: str) -> str:
     return _string({"content": content}, "content", where, label=label)
 
 
-def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str] | set[str], where: str) -> list[tuple[str, str, str]]:
+def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str], where: str) -> list[tuple[str, str, str]]:
     """Read a list of chat turns as (role, text, field label)."""
     turns = row[key]
     if not isinstance(turns, list):
@@ -313,7 +313,7 @@ def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str] | set
         if not isinstance(turn, dict):
             raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
         speaker = _string(turn, who, where, label=f"{label}.{who}")
-        role = roles.get(speaker.lower()) if isinstance(roles, dict) else (speaker if speaker in roles else None)
+        role = roles.get(speaker.lower())
         if role is None:
             raise DataError(f"{where}: field '{label}.{who}': unknown speaker {speaker!r}")
         if what not in turn:
@@ -343,18 +343,16 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
         instruction = _string(row, "instruction", where)
         inp = _string(row, "input", where, optional=True)
         output = _string(row, "output", where)
-    elif fmt == "sharegpt":
-        if "conversations" not in row:
-            raise DataError(f"{where}: field 'conversations': missing")
-        turns = _turns(row, "conversations", "from", "value", _SHAREGPT_ROLES, where)
-        system, instruction, output = _first_pair(turns, "conversations", where)
-        system = system or _string(row, "system", where, optional=True)
-        inp = ""
-    elif fmt == "messages":
-        if "messages" not in row:
-            raise DataError(f"{where}: field 'messages': missing")
-        turns = _turns(row, "messages", "role", "content", _MESSAGE_ROLES, where)
-        system, instruction, output = _first_pair(turns, "messages", where)
+    elif fmt in ("sharegpt", "messages"):
+        key, who, what, roles = (
+            ("conversations", "from", "value", _SHAREGPT_ROLES)
+            if fmt == "sharegpt"
+            else ("messages", "role", "content", _MESSAGE_ROLES)
+        )
+        if key not in row:
+            raise DataError(f"{where}: field '{key}': missing")
+        system, instruction, output = _first_pair(_turns(row, key, who, what, roles, where), key, where)
+        system = system or _string(row, "system", where, optional=True)  # a top-level system prompt
         inp = ""
     else:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -392,12 +390,13 @@ def load_records(
     seen: dict[str, str] = {}
     for loc, row in rows:
         where = _where(str(path), loc)
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if fmt is None:
             fmt = detect_format(row)
             if fmt is None:
-                keys = sorted(row.keys()) if isinstance(row, dict) else type(row).__name__
                 raise DataError(
-                    f"{where}: unknown record shape with keys {keys}; expected alpaca "
+                    f"{where}: unknown record shape with keys {sorted(row)}; expected alpaca "
                     "(instruction, input, output), wizardlm (instruction, output), sharegpt "
                     "(conversations) or messages (messages); or pass --format"
                 )

@@ -190,7 +190,7 @@ def resolve_model(spec: str) -> ResolvedModel:
             return resolve_model(str(ggufs[0]))
         hint = f"it holds {len(ggufs)} .gguf files; name one" if ggufs else "it has no config.json"
         raise ModelError(f"{spec}: not a model folder ({hint})")
-    tried.append(f"local path {path} (does not exist)")
+    tried.append(f"local path {spec} (does not exist)")
     looks_like_path = spec.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf"
     if looks_like_path or not _HUB_ID.match(spec):
         tried.append(f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})")
@@ -297,5 +297,5 @@ def load_model(
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"{resolved.spec}: needs custom code; pass --trust-remote-code if you trust it") from None
-        raise
+        raise ModelError(f"{resolved.spec}: cannot load model: {str(e).splitlines()[0]}") from None
     return model.to(dev).eval()

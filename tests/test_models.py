@@ -1,0 +1,144 @@
+"""Model resolution and loading: bundled GGUF, .gguf paths, HF folders, hub ids, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLED, run_cli
+
+from reflect_tune.errors import ModelError
+from reflect_tune.models import (
+    bundled_gguf_path,
+    cache_dir,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
+
+
+def test_bundled_model_converts_once_into_the_cache(bundled_dir, model_cache):
+    assert bundled_dir.parent == model_cache / "models" == cache_dir() / "models"
+    names = {p.name for p in bundled_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "reflect_tune_source.json"} <= names
+    source = json.loads((bundled_dir / "reflect_tune_source.json").read_text())
+    assert source["converted_from"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = json.loads((bundled_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152
+
+    weights = bundled_dir / "model.safetensors"
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    again = resolve_model(BUNDLED)
+    assert Path(again.path) == bundled_dir and again.kind == "bundled"
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == before  # not converted again
+    assert not [p for p in bundled_dir.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_gguf_path_and_folder_share_the_bundled_cache(bundled_dir, tmp_path):
+    gguf = bundled_gguf_path("smollm2-135m-instruct")
+    by_path = resolve_model(str(gguf))
+    assert by_path.kind == "gguf" and Path(by_path.path) == bundled_dir
+    assert Path(resolve_model(str(gguf.parent)).path) == bundled_dir  # a folder with one .gguf
+
+
+def test_local_folder_loads_in_fp32_on_cpu_by_default(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    assert resolved.kind == "folder"
+    model = load_model(resolved)
+    assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert load_model(str(tiny_model_dir), dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_tiny_model_is_seeded_and_shares_the_tokenizer(tiny_model_dir, bundled_dir, tmp_path):
+    from reflect_tune.testing import make_tiny_llama
+
+    twin = make_tiny_llama(tmp_path / "twin", bundled_dir)
+    a, b = load_model(str(tiny_model_dir)), load_model(str(twin))
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    tok_tiny, tok_real = load_tokenizer(str(tiny_model_dir)), load_tokenizer(BUNDLED)
+    text = "Selective reflection-tuning recycles data."
+    assert tok_tiny(text)["input_ids"] == tok_real(text)["input_ids"]
+    assert tok_tiny.pad_token is not None
+
+
+def test_dtype_and_device_rules():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float32") == torch.float32
+    with pytest.raises(ModelError, match="unknown dtype 'int3'"):
+        resolve_dtype("int3")
+
+
+def test_missing_model_says_what_was_tried(tmp_path):
+    with pytest.raises(ModelError) as err:
+        resolve_model(str(tmp_path / "nope"))
+    assert "not found; tried: local path" in str(err.value) and "bundled:smollm2-135m-instruct" in str(err.value)
+    with pytest.raises(ModelError) as err:
+        load_tokenizer("someone/not-a-real-model")  # a hub id, with the hub switched off
+    message = str(err.value)
+    assert "tried: local path someone/not-a-real-model (does not exist)" in message
+    assert "hub id 'someone/not-a-real-model'" in message
+    with pytest.raises(ModelError, match="unknown bundled model 'nope'; available: bundled:smollm2-135m-instruct"):
+        resolve_model("bundled:nope")
+
+
+def test_safetensors_only(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"no \*\.safetensors weights \(only pytorch_model\.bin\)"):
+        load_model(str(folder))
+
+
+def test_remote_code_is_refused_unless_asked(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="needs custom code; pass --trust-remote-code"):
+        load_model(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "not_an_architecture"}))
+    with pytest.raises(ModelError, match="cannot load model: The checkpoint you are trying to load has model type"):
+        load_model(str(folder))
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ModelError, match="not a model folder"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ModelError, match="a file, but not a .gguf"):
+        resolve_model(str(tmp_path / "weights.txt"))
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_paris(bundled_dir):
+    tok = load_tokenizer(BUNDLED)
+    model = load_model(BUNDLED)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_cli_counts_tokens_with_the_bundled_model_offline(bundled_dir, model_cache):
+    root = Path(__file__).resolve().parents[1]
+    proc = run_cli(
+        "inspect", str(root / "examples" / "alpaca_small.jsonl"), "--json", "--model", BUNDLED,
+        env={"HF_HUB_OFFLINE": "1", "REFLECT_TUNE_CACHE": str(model_cache)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["tokenizer"] == BUNDLED and info["tokens"]["output"]["max"] > 0
+    assert os.environ["REFLECT_TUNE_CACHE"] == str(model_cache)
