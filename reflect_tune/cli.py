@@ -72,6 +72,16 @@ def main(
     keeps the best), [cyan]train[/cyan] (instruction tuning, optional logit distillation).
     Data tools: [cyan]inspect[/cyan], [cyan]convert[/cyan].
     """
+    import logging
+
+    # Our own progress notes (e.g. a one-time model conversion) go to stderr, never stdout,
+    # so `--json` output stays machine-readable.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("reflect_tune")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _warn(lines: list[str]) -> None:
@@ -88,6 +98,7 @@ def inspect(
     ] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a tokenizer that needs the model repository's own code.")] = False,
 ) -> None:
     """Show the detected format, record count, empty and duplicate counts, and length statistics.
 
@@ -96,7 +107,9 @@ def inspect(
     from reflect_tune.data import inspect_records
 
     with user_errors():
-        info = inspect_records(file, format=format.value if format else None, model=model, split=split)
+        info = inspect_records(
+            file, format=format.value if format else None, model=model, split=split, trust_remote_code=trust_remote_code
+        )
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False))
         return

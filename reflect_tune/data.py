@@ -7,7 +7,8 @@ Shapes (detected from the first record; `format=` overrides):
     messages  {"messages": [{"role", "content"}, ...]}      first user -> assistant pair
 
 Containers: `.json` (a list, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
-`datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
+`datasets.save_to_disk`, a dataset repository folder of such files (read by `datasets.load_dataset`),
+or a hub dataset name (needs a reachable hub).
 
 Every problem is a `DataError` whose message is one line: `FILE:LINE: field 'F': what is wrong`
 (`FILE:row N:` for tables). Nothing is ever dropped silently: empty fields and duplicate ids
@@ -107,15 +108,6 @@ def content_id(system: str, instruction: str, input: str, output: str) -> str:
 # ----------------------------------------------------------------------------- reading rows
 
 
-def _where(path: str, loc: str, field_name: str | None = None) -> str:
-    prefix = f"{path}:{loc}"
-    return f"{prefix}: field '{field_name}'" if field_name else prefix
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if not raw.strip():
@@ -127,7 +119,9 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also split on U+2028 and friends, which JSON
+    # strings may contain raw
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -139,6 +133,14 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Walk a JSON list element by element, so each record knows the line it starts on."""
     decoder = json.JSONDecoder()
+    counted = [0, 1]  # (position, line there): lines are counted forward once, not from 0 each time
+
+    def line_of(pos: int) -> int:
+        if pos < counted[0]:
+            counted[:] = [0, 1]
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
 
     def skip_ws(i: int) -> int:
         while i < len(text) and text[i] in " \t\r\n":
@@ -146,7 +148,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         return i
 
     def fail(i: int, msg: str) -> DataError:
-        return DataError(f"{path}:{_line_of(text, i)}: bad JSON: {msg}")
+        return DataError(f"{path}:{line_of(i)}: bad JSON: {msg}")
 
     i = skip_ws(0)
     if text[i] != "[":
@@ -160,7 +162,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             obj, i_end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: bad JSON at column {e.colno}: {e.msg}") from None
-        yield str(_line_of(text, i)), obj
+        yield str(line_of(i)), obj
         i = skip_ws(i_end)
         if i >= len(text):
             raise fail(i, "the list is not closed with ']'")
@@ -173,7 +175,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         raise fail(i, "extra data after the list")
 
 
-def _iter_table_rows(path: Path, rows: Iterator[dict]) -> Iterator[tuple[str, Any]]:
+def _iter_table_rows(rows: Iterator[dict]) -> Iterator[tuple[str, Any]]:
     for n, row in enumerate(rows, start=1):
         yield f"row {n}", row
 
@@ -184,7 +186,7 @@ def _iter_parquet(path: Path) -> Iterator[dict]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
     for batch in pf.iter_batches(batch_size=4096):
         yield from batch.to_pylist()
 
@@ -198,15 +200,20 @@ def _is_saved_dataset(path: Path) -> bool:
 def _load_datasets_object(path: str, split: str | None, from_disk: bool):
     import datasets
 
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # keep our output clean (`inspect --json`)
     try:
         if from_disk:
             ds = datasets.load_from_disk(path)
         else:
             ds = datasets.load_dataset(path, split=split)
     except Exception as e:
-        kind = "saved dataset folder" if from_disk else "hub dataset"
+        kind = "saved dataset folder" if from_disk else ("dataset folder" if Path(path).is_dir() else "hub dataset")
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: cannot load as a {kind}: {msg}") from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds.keys())
         if split is None:
@@ -226,14 +233,18 @@ def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, It
     """Open any supported container. Returns (container, iterator of (location, raw row))."""
     p = Path(path)
     if p.is_dir():
-        if not _is_saved_dataset(p):
-            raise DataError(f"{p}: a folder, but not one written by datasets.save_to_disk")
-        ds = _load_datasets_object(str(p), split, from_disk=True)
-        return "saved_dataset", _iter_table_rows(p, iter(ds))
+        if _is_saved_dataset(p):
+            ds = _load_datasets_object(str(p), split, from_disk=True)
+            return "saved_dataset", _iter_table_rows(iter(ds))
+        if any(f.suffix.lower() in CONTAINERS for f in p.rglob("*") if f.is_file()):
+            # a dataset repository checked out locally: the hub loader reads it offline
+            ds = _load_datasets_object(str(p), split, from_disk=False)
+            return "dataset_folder", _iter_table_rows(iter(ds))
+        raise DataError(f"{p}: a folder, but neither a datasets.save_to_disk folder nor one holding .json/.jsonl/.parquet files")
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".parquet":
-            return "parquet", _iter_table_rows(p, _iter_parquet(p))
+            return "parquet", _iter_table_rows(_iter_parquet(p))
         if suffix == ".jsonl":
             return "jsonl", _iter_jsonl(p, _read_text(p))
         if suffix == ".json":
@@ -249,7 +260,7 @@ def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, It
     if looks_like_path:
         raise DataError(f"{path}: no such file or folder")
     ds = _load_datasets_object(str(path), split or "train", from_disk=False)
-    return "hub", _iter_table_rows(p, iter(ds))
+    return "hub", _iter_table_rows(iter(ds))
 
 
 # ----------------------------------------------------------------------------- normalizing
@@ -389,7 +400,7 @@ def load_records(
     records: list[Record] = []
     seen: dict[str, str] = {}
     for loc, row in rows:
-        where = _where(str(path), loc)
+        where = f"{path}:{loc}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if fmt is None:
@@ -507,7 +518,14 @@ def _length_stats(lengths: list[int]) -> dict[str, float | int]:
     }
 
 
-def inspect_records(path: str | os.PathLike, *, format: str | None = None, model: str | None = None, split: str | None = None) -> dict[str, Any]:
+def inspect_records(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    model: str | None = None,
+    split: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """Everything `reflect-tune inspect` shows, as a JSON-ready dict.
 
     Lengths are per field; `input` and `system` statistics cover only the records that have one.
@@ -535,7 +553,7 @@ def inspect_records(path: str | os.PathLike, *, format: str | None = None, model
     if model:
         from reflect_tune.models import load_tokenizer
 
-        tok = load_tokenizer(model)
+        tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
         info["tokenizer"] = model
         info["tokens"] = {
             name: _length_stats([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else [])

@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 from reflect_tune.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -163,7 +166,10 @@ def _cached_conversion(gguf: Path, key: str) -> Path:
         return dest
     with _file_lock(cache_dir() / "models" / f".{key}.lock"):
         if not (dest / "config.json").is_file():  # another process may have finished meanwhile
+            log.info("converting %s to safetensors in %s (once; later loads use this cache)", gguf.name, dest)
+            started = time.time()
             convert_gguf(gguf, dest)
+            log.info("converted in %.0f s", time.time() - started)
     return dest
 
 

@@ -79,7 +79,7 @@ def test_inspect_detects_every_shape_in_every_container(tmp_path, shape, contain
     path = write_container([as_shape(p, shape) for p in PAIRS], tmp_path, container)
     result = invoke("inspect", str(path), "--json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["format"] == shape
     assert info["records"] == 3
     assert info["container"] == container
@@ -146,7 +146,7 @@ def test_messages_join_text_parts_and_keep_system():
 def test_format_override(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
     result = invoke("inspect", str(path), "--json", "--format", "wizardlm")
-    assert json.loads(result.output)["format"] == "wizardlm"
+    assert json.loads(result.stdout)["format"] == "wizardlm"
     result = invoke("inspect", str(path), "--format", "sharegpt")
     assert result.exit_code == 2
     assert f"{path}:1: field 'conversations': missing" in result.output
@@ -216,7 +216,18 @@ def test_missing_file_and_folder_errors(tmp_path):
     result = invoke("inspect", str(tmp_path / "nope.jsonl"))
     assert result.exit_code == 2 and "nope.jsonl: no such file or folder" in result.output
     result = invoke("inspect", str(tmp_path))
-    assert result.exit_code == 2 and "not one written by datasets.save_to_disk" in result.output
+    assert result.exit_code == 2 and "neither a datasets.save_to_disk folder nor" in result.output
+
+
+def test_dataset_repository_folder_goes_through_the_hub_loader(tmp_path):
+    """A hub dataset checked out locally: the same datasets.load_dataset path, offline."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train-00000.jsonl", [as_shape(p, "messages") for p in PAIRS[:2]])
+    write_jsonl(tmp_path / "data" / "train-00001.jsonl", [as_shape(p, "messages") for p in PAIRS[2:]])
+    info = json.loads(invoke("inspect", str(tmp_path), "--json").stdout)
+    assert (info["container"], info["format"], info["records"], info["with_system"]) == ("dataset_folder", "messages", 3, 1)
+    result = invoke("inspect", str(tmp_path), "--split", "test")
+    assert result.exit_code == 2 and 'Unknown split "test"' in result.output
 
 
 def test_hub_dataset_name_fails_cleanly_offline():
@@ -237,7 +248,7 @@ def test_empty_fields_are_counted_kept_or_dropped_never_silently(tmp_path):
         {"instruction": "d", "input": "", "output": "e"},
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    info = json.loads(invoke("inspect", str(path), "--json").output)
+    info = json.loads(invoke("inspect", str(path), "--json").stdout)
     assert (info["records"], info["empty_instruction"], info["empty_output"]) == (4, 1, 1)
 
     kept = invoke("convert", str(path), str(tmp_path / "kept.jsonl"))
@@ -263,7 +274,7 @@ def test_duplicates_error_by_default_and_dedupe_counts(tmp_path):
     assert "2 duplicate id(s) (dropped; first at 3, 4)" in result.output
     records, report = load_records(tmp_path / "out.jsonl")
     assert len(records) == 2 and report.duplicate_ids == 0
-    info = json.loads(invoke("inspect", str(path), "--json").output)
+    info = json.loads(invoke("inspect", str(path), "--json").stdout)
     assert info["duplicate_ids"] == 2 and info["records"] == 4
 
 
@@ -301,6 +312,13 @@ def test_unicode_survives_a_round_trip(tmp_path):
     for suffix in (".jsonl", ".json", ".parquet"):
         write_records([rec], tmp_path / f"u{suffix}")
         assert load_records(tmp_path / f"u{suffix}")[0] == [rec]
+
+
+def test_jsonl_lines_split_only_on_newline(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"instruction": "a\u2028b\x85c", "input": "", "output": "d"}\r\n'.encode())
+    records, _ = load_records(path)
+    assert records[0].instruction == "a\u2028b\x85c"
 
 
 def test_examples_load():
