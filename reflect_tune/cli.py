@@ -98,7 +98,7 @@ def inspect(
     ] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow a tokenizer that needs the model repository's own code.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a tokenizer that needs the model repository's own code.")] = False,
 ) -> None:
     """Show the detected format, record count, empty and duplicate counts, and length statistics.
 
@@ -123,11 +123,13 @@ def _print_inspect(info: dict) -> None:
     console = Console()
     console.print(
         f"[bold]{info['file']}[/bold]: format [cyan]{info['format']}[/cyan] in {info['container']}, "
-        f"{info['records']} records ({info['with_input']} with input, {info['with_system']} with a system prompt)"
+        f"{info['records']} records ({info['with_input']} with input, {info['with_system']} with a system prompt)",
+        soft_wrap=True,
     )
     console.print(
         f"empty instructions: {info['empty_instruction']}, empty outputs: {info['empty_output']}, "
-        f"duplicate ids: {info['duplicate_ids']}"
+        f"duplicate ids: {info['duplicate_ids']}",
+        soft_wrap=True,
     )
     for unit in ("chars", "tokens"):
         if unit not in info:
@@ -149,8 +151,8 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Output file: .jsonl, .json or .parquet.")],
     to: Annotated[OutFormat, typer.Option("--to", "-t", help="Record shape to write.")] = OutFormat.alpaca,
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
-    dedupe: Annotated[bool, typer.Option(help="Drop records whose id was already seen (counted), instead of failing.")] = False,
-    drop_empty: Annotated[bool, typer.Option(help="Drop records with an empty instruction or output (counted).")] = False,
+    dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
+    drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop records with an empty instruction or output (counted).")] = False,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
 ) -> None:
     """Convert instruction data between shapes and containers; every record keeps a stable id.
@@ -169,11 +171,12 @@ def convert(
             split=split,
         )
         _warn(report.warnings())
-        write_records(records, dst, to=to.value)
         config = {"src": src, "dst": str(dst), "to": to.value, "format": report.format, "dedupe": dedupe,
                   "drop_empty": drop_empty, "split": split}
+        # fingerprint the input before writing: the output may replace it
         meta = provenance("convert", config, inputs=[src] if Path(src).exists() else [])
         meta["report"] = report.__dict__
+        write_records(records, dst, to=to.value)
         write_meta(dst, meta)
     typer.echo(f"wrote {len(records)} records ({report.format} -> {to.value}) to {dst}")
 

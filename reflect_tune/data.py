@@ -7,8 +7,7 @@ Shapes (detected from the first record; `format=` overrides):
     messages  {"messages": [{"role", "content"}, ...]}      first user -> assistant pair
 
 Containers: `.json` (a list, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
-`datasets.save_to_disk`, a dataset repository folder of such files (read by `datasets.load_dataset`),
-or a hub dataset name (needs a reachable hub).
+`datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
 
 Every problem is a `DataError` whose message is one line: `FILE:LINE: field 'F': what is wrong`
 (`FILE:row N:` for tables). Nothing is ever dropped silently: empty fields and duplicate ids
@@ -39,6 +38,7 @@ _SHAREGPT_ROLES = {
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
     "bing": "assistant", "model": "assistant",
     "system": "system",
+    "tool": "tool", "function": "tool", "function_call": "tool", "observation": "tool",
 }
 _MESSAGE_ROLES = {name: name for name in ("user", "assistant", "system", "developer", "tool")}
 
@@ -108,14 +108,28 @@ def content_id(system: str, instruction: str, input: str, output: str) -> str:
 # ----------------------------------------------------------------------------- reading rows
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4]:
+        raise DataError(f"{path}: not UTF-8 (looks like UTF-16); save it as UTF-8")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
     if not raw.strip():
         raise DataError(f"{path}: empty file (no records)")
     # Undecodable bytes become lone surrogates, so the record and field holding them can be
     # named later, instead of failing here with only a byte offset.
-    text = raw.decode("utf-8", errors="surrogateescape")
-    return text[1:] if text.startswith("\ufeff") else text
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _json_error(path: Path, line: int, e: json.JSONDecodeError) -> DataError:
+    msg = e.msg.removesuffix(" at")  # e.g. "Invalid control character at"
+    return DataError(f"{path}:{line}: bad JSON at column {e.colno}: {msg}")
 
 
 def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -125,9 +139,12 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield str(n), json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: bad JSON at column {e.colno}: {e.msg}") from None
+            raise _json_error(path, n, e) from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: bad JSON: nested too deeply") from None
+        yield str(n), row
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -161,7 +178,9 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         try:
             obj, i_end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: bad JSON at column {e.colno}: {e.msg}") from None
+            raise _json_error(path, e.lineno, e) from None
+        except RecursionError:
+            raise fail(i, "nested too deeply") from None
         yield str(line_of(i)), obj
         i = skip_ws(i_end)
         if i >= len(text):
@@ -173,6 +192,18 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     i = skip_ws(i)
     if i < len(text):
         raise fail(i, "extra data after the list")
+
+
+def _json_object_file(path: Path, text: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """A `.json` that starts with `{`: usually JSON Lines under the wrong name, else one object."""
+    try:
+        whole = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return "jsonl", _iter_jsonl(path, text)
+    if detect_format(whole) is None:
+        keys = sorted(whole)[:8]
+        raise DataError(f"{path}:1: a JSON object with keys {keys}, not a list of records or JSON Lines")
+    return "json", iter([("1", whole)])
 
 
 def _iter_table_rows(rows: Iterator[dict]) -> Iterator[tuple[str, Any]]:
@@ -187,8 +218,33 @@ def _iter_parquet(path: Path) -> Iterator[dict]:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    for batch in pf.iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
+    done = 0
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{path}:row {done + 1}: cannot read Parquet data: {str(e).splitlines()[0]}") from None
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:
+            raise _parquet_utf8_error(path, batch, done) from None
+        yield from rows
+        done += len(rows)
+
+
+def _parquet_utf8_error(path: Path, batch, done: int) -> DataError:
+    """Find the row and column holding bytes that are not UTF-8 (only on the error path)."""
+    for name in batch.schema.names:
+        column = batch.column(name)
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError:
+                return DataError(f"{path}:row {done + i + 1}: field '{name}': not valid UTF-8")
+    return DataError(f"{path}:row {done + 1}: not valid UTF-8")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -236,12 +292,10 @@ def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, It
         if _is_saved_dataset(p):
             ds = _load_datasets_object(str(p), split, from_disk=True)
             return "saved_dataset", _iter_table_rows(iter(ds))
-        if any(f.suffix.lower() in CONTAINERS for f in p.rglob("*") if f.is_file()):
-            # a dataset repository checked out locally: the hub loader reads it offline
-            ds = _load_datasets_object(str(p), split, from_disk=False)
-            return "dataset_folder", _iter_table_rows(iter(ds))
-        raise DataError(f"{p}: a folder, but neither a datasets.save_to_disk folder nor one holding .json/.jsonl/.parquet files")
+        raise DataError(f"{p}: a folder, but not one written by datasets.save_to_disk; give a data file")
     if p.is_file():
+        if split is not None:
+            raise DataError(f"{p}: --split applies only to dataset folders and hub datasets")
         suffix = p.suffix.lower()
         if suffix == ".parquet":
             return "parquet", _iter_table_rows(_iter_parquet(p))
@@ -249,8 +303,8 @@ def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, It
             return "jsonl", _iter_jsonl(p, _read_text(p))
         if suffix == ".json":
             text = _read_text(p)
-            if text.lstrip().startswith("{"):  # many ".json" datasets are really JSON Lines
-                return "jsonl", _iter_jsonl(p, text)
+            if text.lstrip().startswith("{"):
+                return _json_object_file(p, text)
             return "json", _iter_json_array(p, text)
         raise DataError(
             f"{p}: unsupported file type {suffix or '(none)'!r}; use .json, .jsonl, .parquet "
@@ -289,8 +343,7 @@ def _string(row: dict, key: str, where: str, *, optional: bool = False, label: s
     if value is None and optional:
         return ""
     if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        raise DataError(f"{where}: field '{label}': expected a string, got {kind}")
+        raise DataError(f"{where}: field '{label}': expected a string, got {_kind(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -312,13 +365,18 @@ def _message_text(content: Any, where: str, label: str) -> str:
     return _string({"content": content}, "content", where, label=label)
 
 
-def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str], where: str) -> list[tuple[str, str, str]]:
-    """Read a list of chat turns as (role, text, field label)."""
+def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str], where: str) -> tuple[str, str, str]:
+    """(system, user, assistant) from the first user turn answered by an assistant turn.
+
+    Turns are read only up to that pair, so what follows it (tool calls, images, speakers we do
+    not know) is not checked. System turns before the pair are joined. An assistant turn with
+    null content (a tool call) answers nothing.
+    """
     turns = row[key]
     if not isinstance(turns, list):
-        kind = "null" if turns is None else type(turns).__name__
-        raise DataError(f"{where}: field '{key}': expected a list of turns, got {kind}")
-    out = []
+        raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
+    system_parts: list[str] = []
+    user: str | None = None
     for j, turn in enumerate(turns):
         label = f"{key}[{j}]"
         if not isinstance(turn, dict):
@@ -329,26 +387,22 @@ def _turns(row: dict, key: str, who: str, what: str, roles: dict[str, str], wher
             raise DataError(f"{where}: field '{label}.{who}': unknown speaker {speaker!r}")
         if what not in turn:
             raise DataError(f"{where}: field '{label}.{what}': missing")
+        if role == "assistant" and turn[what] is None:
+            user = None
+            continue
         text = _message_text(turn[what], where, f"{label}.{what}")
-        out.append((role, text, label))
-    return out
-
-
-def _first_pair(turns: list[tuple[str, str, str]], key: str, where: str) -> tuple[str, str, str]:
-    """(system, user, assistant) from the first user turn answered by an assistant turn."""
-    system_parts = []
-    for i, (role, text, _) in enumerate(turns):
+        if role == "assistant" and user is not None:
+            return "\n\n".join(system_parts), user, text
         if role in ("system", "developer"):
             system_parts.append(text)
-        elif role == "user" and i + 1 < len(turns) and turns[i + 1][0] == "assistant":
-            return "\n\n".join(system_parts), text, turns[i + 1][1]
+        user = text if role == "user" else None
     raise DataError(f"{where}: field '{key}': no user turn followed by an assistant turn")
 
 
 def normalize(row: Any, fmt: str, where: str) -> Record:
     """One raw row in shape `fmt` to a Record (id filled in later if the row has none)."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
     if fmt in ("alpaca", "wizardlm"):
         system = _string(row, "system", where, optional=True)
         instruction = _string(row, "instruction", where)
@@ -362,7 +416,7 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
         )
         if key not in row:
             raise DataError(f"{where}: field '{key}': missing")
-        system, instruction, output = _first_pair(_turns(row, key, who, what, roles, where), key, where)
+        system, instruction, output = _first_pair(row, key, who, what, roles, where)
         system = system or _string(row, "system", where, optional=True)  # a top-level system prompt
         inp = ""
     else:
@@ -402,7 +456,7 @@ def load_records(
     for loc, row in rows:
         where = f"{path}:{loc}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
         if fmt is None:
             fmt = detect_format(row)
             if fmt is None:
@@ -446,6 +500,11 @@ def load_records(
             break
     if report.records == 0:
         raise DataError(f"{path}: no records")
+    if not records:
+        raise DataError(
+            f"{path}: no records left after dropping {report.empty_dropped} with empty fields "
+            f"and {report.duplicates_dropped} duplicates"
+        )
     return records, report
 
 
@@ -477,6 +536,14 @@ def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in CONTAINERS:
         raise DataError(f"{path}: cannot write {suffix or '(no suffix)'!r}; use {', '.join(CONTAINERS)}")
+    try:
+        _write_rows(rows, path, suffix)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
+    return path
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path, suffix: str) -> None:
     with atomic_path(path) as tmp:
         if suffix == ".parquet":
             import pyarrow as pa
@@ -490,7 +557,6 @@ def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 def write_records(records: list[Record], path: str | os.PathLike, *, to: str = "alpaca") -> Path:

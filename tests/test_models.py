@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -48,17 +47,17 @@ def test_gguf_path_and_folder_share_the_bundled_cache(bundled_dir, tmp_path):
 def test_local_folder_loads_in_fp32_on_cpu_by_default(tiny_model_dir):
     resolved = resolve_model(str(tiny_model_dir))
     assert resolved.kind == "folder"
-    model = load_model(resolved)
+    model = load_model(resolved, device="cpu")
     assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
-    assert load_model(str(tiny_model_dir), dtype="bfloat16").dtype == torch.bfloat16
+    assert load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu").dtype == torch.bfloat16
 
 
 def test_tiny_model_is_seeded_and_shares_the_tokenizer(tiny_model_dir, bundled_dir, tmp_path):
     from reflect_tune.testing import make_tiny_llama
 
     twin = make_tiny_llama(tmp_path / "twin", bundled_dir)
-    a, b = load_model(str(tiny_model_dir)), load_model(str(twin))
+    a, b = load_model(str(tiny_model_dir), device="cpu"), load_model(str(twin), device="cpu")
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
     tok_tiny, tok_real = load_tokenizer(str(tiny_model_dir)), load_tokenizer(BUNDLED)
@@ -67,7 +66,19 @@ def test_tiny_model_is_seeded_and_shares_the_tokenizer(tiny_model_dir, bundled_d
     assert tok_tiny.pad_token is not None
 
 
-def test_dtype_and_device_rules():
+def test_dtype_and_device_rules(monkeypatch):
+    from reflect_tune.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_dtype("auto", "cuda") == torch.float32
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype("float32") == torch.float32
@@ -111,6 +122,39 @@ def test_remote_code_is_refused_unless_asked(tmp_path):
         load_model(str(folder))
 
 
+def test_broken_folders_give_one_line_errors(tiny_model_dir, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelError, match="no-tokenizer: cannot load tokenizer: "):
+        load_tokenizer(str(no_tokenizer))
+    (no_tokenizer / "model.safetensors").write_bytes(b"not really safetensors")
+    with pytest.raises(ModelError, match="no-tokenizer: cannot load model: "):
+        load_model(str(no_tokenizer), device="cpu")
+    root = Path(__file__).resolve().parents[1]
+    proc = run_cli("inspect", str(root / "examples" / "alpaca_small.jsonl"), "--model", str(no_tokenizer))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_unwritable_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFLECT_TUNE_CACHE", "/proc/no-such-cache")
+    with pytest.raises(ModelError, match="model cache /proc/no-such-cache/models is not writable .*set REFLECT_TUNE_CACHE"):
+        resolve_model(BUNDLED)
+
+
+def test_cache_key_follows_content_not_path(tmp_path):
+    from reflect_tune.models import _gguf_cache_key
+
+    gguf = bundled_gguf_path("smollm2-135m-instruct")
+    link = tmp_path / gguf.name
+    link.symlink_to(gguf)
+    assert _gguf_cache_key(link) == _gguf_cache_key(gguf)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"x" * 100)
+    b.write_bytes(b"x" * 99 + b"y")
+    assert _gguf_cache_key(a) != _gguf_cache_key(b)
+
+
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(ModelError, match="not a model folder"):
         resolve_model(str(tmp_path))
@@ -140,5 +184,7 @@ def test_cli_counts_tokens_with_the_bundled_model_offline(bundled_dir, model_cac
     )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["tokenizer"] == BUNDLED and info["tokens"]["output"]["max"] > 0
-    assert os.environ["REFLECT_TUNE_CACHE"] == str(model_cache)
+    assert info["tokenizer"] == BUNDLED and info["records"] == 32
+    # "Paris." is 3 tokens for SmolLM2; outputs of the example file are 2 to ~100 tokens
+    assert 1 <= info["tokens"]["output"]["min"] < info["tokens"]["output"]["max"] < 200
+    assert "converting" not in proc.stderr  # the session's conversion was reused
