@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_section(ROOT / "docs" / "BENCHMARKS.md", text)
+    shutil.rmtree(os.environ["REFLECT_TUNE_CACHE"], ignore_errors=True)  # 540 MB of converted weights
 
 
 def _version() -> str:
