@@ -188,3 +188,44 @@ def test_cli_counts_tokens_with_the_bundled_model_offline(bundled_dir, model_cac
     # "Paris." is 3 tokens for SmolLM2; outputs of the example file are 2 to ~100 tokens
     assert 1 <= info["tokens"]["output"]["min"] < info["tokens"]["output"]["max"] < 200
     assert "converting" not in proc.stderr  # the session's conversion was reused
+
+
+@pytest.mark.slow
+def test_a_second_process_waits_for_the_first_conversion(bundled_dir, tmp_path):
+    """Process B finds A's lock held, waits, then uses A's finished folder instead of converting."""
+    import fcntl
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from reflect_tune.models import _gguf_cache_key
+
+    models = tmp_path / "cache" / "models"
+    models.mkdir(parents=True)
+    key = _gguf_cache_key(bundled_gguf_path("smollm2-135m-instruct"))
+    with open(models / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # we are process A, "converting"
+        script = (
+            "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+            "from reflect_tune.models import resolve_model\n"
+            "print(resolve_model('bundled:smollm2-135m-instruct').path)\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "REFLECT_TUNE_CACHE": str(tmp_path / "cache")},
+        )
+        seen = []
+        for _ in range(200):  # bounded: B logs the wait within a few lines
+            line = proc.stderr.readline()
+            seen.append(line)
+            if not line or "waiting for another process converting" in line:
+                break
+        assert "waiting for another process converting SmolLM2-135M-Instruct.Q4_1.gguf" in seen[-1], seen
+        # A finishes: its folder appears (links to the session's conversion), then A unlocks
+        shutil.copytree(bundled_dir, models / key, copy_function=os.symlink)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == str(models / key)
+    assert "converting SmolLM2" not in err.replace("another process converting", "")
