@@ -6,7 +6,7 @@ Shapes (detected from the first record; `format=` overrides):
     sharegpt  {"conversations": [{"from", "value"}, ...]}   first human -> gpt pair
     messages  {"messages": [{"role", "content"}, ...]}      first user -> assistant pair
 
-Containers: `.json` (a list, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
+Containers: `.json` (a list, one record, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
 `datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
 
 Every problem is a `DataError` whose message is one line: `FILE:LINE: field 'F': what is wrong`
