@@ -181,5 +181,55 @@ def convert(
     typer.echo(f"wrote {len(records)} records ({report.format} -> {to.value}) to {dst}")
 
 
+@app.command()
+def reflect(
+    input: Annotated[str, typer.Argument(help="Instruction data in any supported shape and container.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL, one line per input record (docs/FORMATS.md §8.1).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The teacher's model name, as the server knows it.")],
+    base_url: Annotated[
+        Optional[str], typer.Option("--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1. Default: OpenAI.")
+    ] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Name of the environment variable that holds the API key.")] = "OPENAI_API_KEY",
+    stages: Annotated[str, typer.Option("--stages", help="Comma-separated: instruction, response (both: three calls per record).")] = "instruction,response",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Requests in flight at once.")] = 16,
+    rpm: Annotated[Optional[int], typer.Option("--rpm", min=1, help="Requests per minute, never exceeded.")] = None,
+    tpm: Annotated[Optional[int], typer.Option("--tpm", min=1, help="Tokens per minute (prompt + max completion), never exceeded.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Completion token cap per request.")] = 2048,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (the reference uses 0).")] = 0.0,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests, tokens and cost; send nothing.")] = False,
+    batch_api: Annotated[bool, typer.Option("--batch-api", help="Use the OpenAI Batch API (half price, up to 24 h).")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="With --batch-api: submit and exit; rerun to poll and collect.")] = False,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.0, help="With --batch-api: seconds between status polls.")] = 30.0,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Folder of prompt files overriding the built-in ones (see prompts/README.md).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Request cache folder. Default: $REFLECT_TUNE_CACHE/reflect.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds before one request counts as timed out.")] = 120.0,
+    max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Retries per request for 408/409/429/5xx, timeouts and dropped connections.")] = 6,
+    price_in: Annotated[Optional[float], typer.Option("--price-in", min=0.0, help="USD per 1M prompt tokens (overrides the built-in table).")] = None,
+    price_out: Annotated[Optional[float], typer.Option("--price-out", min=0.0, help="USD per 1M completion tokens (overrides the built-in table).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="For --dry-run on a non-OpenAI model: a model spec whose tokenizer counts tokens.")] = None,
+    format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
+) -> None:
+    """A teacher LLM rewrites each pair: instruction reflection (x_ins, y_ins), response reflection (y_res), and
+    response reflection of the new pair (y_res_ins). Cached per request; a rerun resumes.
+
+    [bold]Example[/bold]: reflect-tune reflect data.jsonl -o reflected.jsonl --model gpt-4o-mini --rpm 500 --dry-run
+    """
+    from reflect_tune.reflect import ReflectConfig, run_reflect
+
+    with user_errors():
+        config = ReflectConfig(
+            input=input, output=str(output), model=model, base_url=base_url, api_key_env=api_key_env,
+            stages=tuple(s.strip() for s in stages.split(",") if s.strip()), concurrency=concurrency, rpm=rpm, tpm=tpm,
+            max_tokens=max_tokens, temperature=temperature, limit=limit, dry_run=dry_run, batch_api=batch_api,
+            no_wait=no_wait, poll_interval=poll_interval, prompts=str(prompts) if prompts else None,
+            cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries,
+            price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
+            split=split,
+        )
+        run_reflect(config)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
