@@ -412,6 +412,8 @@ class TeacherClient:
                 raise ApiFailed(failed, "batch", 0)
             self.pending[key] = self.body(messages)
             raise Pending(key)
+        if not est_prompt_tokens:  # a deliberate over-estimate (3 characters per token) keeps --tpm safe
+            est_prompt_tokens = sum(len(m["content"]) // 3 + 4 for m in messages)
         reply = await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0))
         self.cache.put(key, self.model, reply)
         return reply
