@@ -307,3 +307,18 @@ def test_stages_option_selects_variants(tmp_path):
     v = lines(out)[0]["variants"]
     assert v["res"]["status"] == "ok" and v["ins"]["status"] == "skipped" and v["res_ins"]["status"] == "skipped"
     assert v["ins"]["reason"] == "stage 'instruction' not requested"
+
+
+def test_base_url_from_environment_and_limit_checks(tmp_path):
+    out, cache = tmp_path / "o.jsonl", tmp_path / "c"
+    with FakeOpenAI() as srv:
+        run = run_cli("reflect", str(EXAMPLES), "-o", str(out), "--model", "fake-model", "--cache-dir", str(cache),
+                      "--limit", "2", "--rpm", "6000", "--tpm", "1000000",
+                      env={"OPENAI_BASE_URL": srv.base_url, "OPENAI_API_KEY": ""})
+        assert run.returncode == 0, run.stderr
+        assert srv.stats()["chat_requests"] == 6
+        small = reflect(str(EXAMPLES), *common(srv, out, cache, "--tpm", "500"))
+        assert small.returncode == 2 and "--tpm 500 is below a single request's budget" in small.stderr
+        assert srv.stats()["chat_requests"] == 6
+        nowait = reflect(str(EXAMPLES), *common(srv, out, cache, "--no-wait"))
+        assert nowait.returncode == 2 and "--no-wait only applies with --batch-api" in nowait.stderr
