@@ -205,6 +205,8 @@ def reflect(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Request cache folder. Default: $REFLECT_TUNE_CACHE/reflect.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds before one request counts as timed out.")] = 120.0,
     max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Retries per request for 408/409/429/5xx, timeouts and dropped connections.")] = 6,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="Backoff scale in seconds: retry n waits a random time up to backoff*2^n (max 60 s), unless the server sends Retry-After.")] = 1.0,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --batch-api: resubmit requests a batch reported as failed.")] = False,
     price_in: Annotated[Optional[float], typer.Option("--price-in", min=0.0, help="USD per 1M prompt tokens (overrides the built-in table).")] = None,
     price_out: Annotated[Optional[float], typer.Option("--price-out", min=0.0, help="USD per 1M completion tokens (overrides the built-in table).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="For --dry-run on a non-OpenAI model: a model spec whose tokenizer counts tokens.")] = None,
@@ -224,11 +226,210 @@ def reflect(
             stages=tuple(s.strip() for s in stages.split(",") if s.strip()), concurrency=concurrency, rpm=rpm, tpm=tpm,
             max_tokens=max_tokens, temperature=temperature, limit=limit, dry_run=dry_run, batch_api=batch_api,
             no_wait=no_wait, poll_interval=poll_interval, prompts=str(prompts) if prompts else None,
-            cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries,
+            cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries, backoff=backoff,
+            retry_failed=retry_failed,
             price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
             split=split,
         )
         run_reflect(config)
+
+
+class ScoreTemplate(str, Enum):
+    auto = "auto"
+    chat = "chat"
+    alpaca = "alpaca"
+    vicuna = "vicuna"
+    none = "none"
+
+
+class ScoreDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class ScoreDirection(str, Enum):
+    ifd = "ifd"
+    rifd = "rifd"
+
+
+class SelectMethod(str, Enum):
+    srt = "srt"
+    ifd = "ifd"
+    rifd = "rifd"
+    superfilter = "superfilter"
+
+
+_TEMPLATE_HELP = "Prompt template: chat (the model's own; the default when it has one), alpaca (default otherwise), vicuna, none."
+_DTYPE_HELP = "auto: bfloat16 on a GPU that supports it, float32 otherwise. bfloat16 on CPU is faster, slightly less exact."
+_BATCH_HELP = "Token budget per batch (rows x longest row). Default: 4096 on CPU, 16384 on GPU."
+_REVERSE_HELP = "The r-IFD 'guess the instruction' wording; must contain {answer}."
+
+
+@app.command()
+def score(
+    input: Annotated[str, typer.Argument(help="Reflect output JSONL (every ok variant is scored) or plain instruction data.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="scores.parquet: one row per (record, variant) (docs/FORMATS.md §8.2).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The student that scores: bundled name, .gguf, HF folder or hub id.")],
+    template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP)] = ScoreTemplate.auto,
+    dtype: Annotated[ScoreDtype, typer.Option("--dtype", help=_DTYPE_HELP)] = ScoreDtype.auto,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", min=1, help=_BATCH_HELP)] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens beyond this are cut from the right.")] = 2048,
+    only: Annotated[Optional[ScoreDirection], typer.Option("--only", help="Score one direction only: ifd or rifd.")] = None,
+    reverse: Annotated[Optional[str], typer.Option("--reverse", help=_REVERSE_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")] = False,
+    format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")] = False,
+) -> None:
+    """Score every candidate pair with the student: IFD and r-IFD (perplexity and loss ratios), batched and resumable.
+    Data parallel under `accelerate launch` or `torchrun`.
+
+    [bold]Example[/bold]: reflect-tune score reflected.jsonl -o scores.parquet --model bundled:smollm2-135m-instruct --dtype bfloat16
+    """
+    from reflect_tune.score import REVERSE_DEFAULT, ScoreConfig, run_score
+
+    with user_errors():
+        config = ScoreConfig(
+            input=input, output=str(output), model=model, template=template.value, dtype=dtype.value,
+            batch_tokens=batch_tokens, max_length=max_length, only=only.value if only else None,
+            reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
+            format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
+            resume=not no_resume,
+        )
+        result = run_score(config)
+    if result.rows and _is_main_process():
+        undefined = sum(1 for r in result.rows if r["reason"])
+        typer.echo(
+            f"wrote {len(result.rows)} rows ({result.records} records, template {result.template}, {result.dtype}; "
+            f"{result.stats.units} distinct passes of {result.stats.passes}, {undefined} rows with NaN) to {output}"
+        )
+
+
+@app.command()
+def select(
+    input: Annotated[str, typer.Argument(help="Reflect output JSONL (method srt) or plain instruction data (method ifd).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="selected.jsonl; also writes selected.scores.parquet and selected.report/.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The student that scores (not needed by --method superfilter).")] = None,
+    top: Annotated[Optional[float], typer.Option("--top", help="Keep this fraction of the input records, best first (e.g. 0.1). Default: all that pass.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep this many, best first. Excludes --top.")] = None,
+    method: Annotated[Optional[SelectMethod], typer.Option("--method", help="srt (default on reflect output), ifd (default on plain data), rifd, superfilter.")] = None,
+    proxy_model: Annotated[Optional[str], typer.Option("--proxy-model", help="With --method superfilter: the small model that scores IFD.")] = None,
+    template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP + " superfilter: none.")] = ScoreTemplate.auto,
+    dtype: Annotated[ScoreDtype, typer.Option("--dtype", help=_DTYPE_HELP)] = ScoreDtype.auto,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", min=1, help=_BATCH_HELP)] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens beyond this are cut from the right.")] = 2048,
+    reverse: Annotated[Optional[str], typer.Option("--reverse", help=_REVERSE_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")] = False,
+    format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")] = False,
+) -> None:
+    """The student keeps the pairs it learns most from (Selective Reflection-Tuning's two-phase rule, or Cherry's IFD).
+
+    [bold]Example[/bold]: reflect-tune select reflected.jsonl -o selected.jsonl --model bundled:smollm2-135m-instruct --top 0.1
+    """
+    from reflect_tune.score import REVERSE_DEFAULT
+    from reflect_tune.selection import SelectConfig, run_select
+
+    with user_errors():
+        if top is not None and top_k is not None:
+            raise ReflectTuneError("--top and --top-k are mutually exclusive; give one")
+        config = SelectConfig(
+            input=input, output=str(output), model=model, top=top, top_k=top_k,
+            method=method.value if method else None, proxy_model=proxy_model, template=template.value,
+            dtype=dtype.value, batch_tokens=batch_tokens, max_length=max_length,
+            reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
+            format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
+            resume=not no_resume,
+        )
+        result = run_select(config)
+    if _is_main_process():
+        s = result.summary
+        typer.echo(
+            f"selected {s['selected']} of {s['records']} records (method {s['method']}, {s['candidates']} candidates) "
+            f"to {output}; report in {output.with_suffix('.report') if output.suffix else output}"
+        )
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+class KdLoss(str, Enum):
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    skew_rkl = "skew_rkl"
+
+
+class Template(str, Enum):
+    chat = "chat"
+    alpaca = "alpaca"
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Argument(help="Training data: select's selected.jsonl or any supported data file.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (docs/FORMATS.md §8.4).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The student: bundled:NAME, an HF folder, a .gguf or a hub id.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with the same keys as these flags (kd_ratio or kd-ratio); flags override it.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (the default).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="LoRA on a 4-bit base (needs CUDA and bitsandbytes).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tune of every weight.")] = False,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the data. Default: 1.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate. Default: 2e-4 LoRA, 2e-5 full.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences (or packed rows) per micro-batch. Default: 4.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step, per process. Default: 4.")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Tokens per sequence (packed row); longer examples are cut. Default: 1024.")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack several examples per row, attention kept within each. Default: no.")] = None,
+    template: Annotated[Optional[Template], typer.Option("--template", help="Prompt format; loss on the response only. Default: chat.")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model for logit distillation; must share the student's tokenizer.")] = None,
+    kd_ratio: Annotated[Optional[float], typer.Option("--kd-ratio", min=0.0, max=1.0, help="Weight of the KD term: (1-r)·CE + r·T²·D. Default: 0.5.")] = None,
+    kd_loss: Annotated[Optional[KdLoss], typer.Option("--kd-loss", help="Divergence D(teacher‖student). Default: forward_kl.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Softmax temperature T of both models in the KD term. Default: 1.0.")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", min=0.0, max=1.0, help="JSD β (0: forward KL, 1: reverse KL). Default: 0.5.")] = None,
+    skew_alpha: Annotated[Optional[float], typer.Option("--skew-alpha", min=0.0, max=1.0, help="Skew α of skew_kl / skew_rkl (DistiLLM). Default: 0.1.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint in the output folder.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Checkpoint every N optimizer steps; 0: never. Default: 500.")] = None,
+    merge: Annotated[Optional[bool], typer.Option("--merge", help="With LoRA/QLoRA: also write OUTDIR/merged, a full model.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and initialization. Default: 42.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Instruction-tune a student (LoRA, QLoRA or full), optionally distilling a teacher's token distributions.
+
+    More settings (LoRA rank, warmup, weight decay, precision, ...) go in the --config YAML; see docs/FORMATS.md §8.4.
+    Runs under [cyan]accelerate launch[/cyan] or [cyan]torchrun[/cyan] for data parallelism.
+
+    [bold]Example[/bold]: reflect-tune train selected.jsonl -o out/student --model bundled:smollm2-135m-instruct --full --teacher big-teacher/ --kd-ratio 0.5
+    """
+    from reflect_tune.train import build_config, load_config_file, run_train
+
+    with user_errors():
+        methods = [name for name, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
+        if len(methods) > 1:
+            raise ReflectTuneError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in methods)})")
+        file_values = load_config_file(config) if config else {}
+        cfg = build_config(file_values, {
+            "data": data, "output": str(output) if output else None, "model": model,
+            "method": methods[0] if methods else None, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "grad_accum": grad_accum, "max_length": max_length, "packing": packing,
+            "template": template.value if template else None, "teacher": teacher, "kd_ratio": kd_ratio,
+            "kd_loss": kd_loss.value if kd_loss else None, "temperature": temperature, "beta": beta,
+            "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every, "merge": merge,
+            "max_steps": max_steps, "seed": seed, "overwrite": overwrite, "progress": False if no_progress else None,
+        })
+        summary = run_train(cfg)
+    if summary.get("is_main", True):
+        typer.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} target tokens "
+                   f"(final loss {summary['final_loss']}); wrote {cfg.output}")
 
 
 if __name__ == "__main__":  # pragma: no cover

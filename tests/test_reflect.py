@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import run_cli, write_jsonl
 from reflect_tune.testing_server import FakeOpenAI

@@ -37,7 +37,9 @@ def served_teacher(bundled_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [str(exe), "serve", str(bundled_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--continuous-batching"],
+            [str(exe), "serve", str(bundled_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--continuous-batching",
+             # a small paged KV cache (8192 tokens, ~0.4 GB); by default it takes a share of all memory
+             "--cb-block-size", "128", "--cb-num-blocks", "64"],
             stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"

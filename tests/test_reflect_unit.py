@@ -81,7 +81,7 @@ def test_parse_takes_the_tagged_block(prompts, reply, expected):
         (f"[[BETTER ANSWER {TAG}]]\n(the better answer)\n[[END {TAG}]]", "stop", "placeholder echo"),
         (f"[[BETTER ANSWER {TAG}]] <your improved text here> [[END {TAG}]]", "stop", "placeholder echo"),
         (f"[[BETTER ANSWER {TAG}]] cut off in the mid", "length", "hit --max-tokens"),
-        (f"[[BETTER ANSWER]] untagged [[END]]", "stop", "no [[BETTER ANSWER"),
+        ("[[BETTER ANSWER]] untagged [[END]]", "stop", "no [[BETTER ANSWER"),
     ],
 )
 def test_parse_failures_name_the_reason(prompts, reply, finish, reason):

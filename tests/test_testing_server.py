@@ -164,6 +164,7 @@ def test_stall_completes_and_stop_closes_stalled(tmp_path):
 def test_content_faults(client):
     last = f"Do it [[BETTER ANSWER{TAG}]] x [[END{TAG}]]"
     good = chat(client, last).choices[0].message.content
+    assert good.startswith("Critique of the answer.") and "Better answer " in good
     for kind, text in (("na", "N/A"), ("empty", ""), ("placeholder", "<your improved text here>")):
         for _ in range(2):  # content faults are not once-only
             out = chat(client, last + f" FAULT:{kind}").choices[0].message.content
