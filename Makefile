@@ -33,6 +33,9 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_model_load.py
+	$(BIN)/python bench/bench_teacher.py
+	$(BIN)/python bench/bench_score.py
+	$(BIN)/python bench/bench_kd_loss.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

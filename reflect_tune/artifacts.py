@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -142,3 +143,61 @@ def write_meta(artifact: str | os.PathLike, meta: dict[str, Any]) -> Path:
     except OSError as e:
         raise ReflectTuneError(f"{target}: cannot write: {e.strerror or e}") from None
     return target
+
+
+# Resumable work: fsynced append-only shards (used by `score`; a kill loses at most one batch)
+
+
+class ShardStore:
+    """Finished units on disk: `<folder>/part-<rank>-<pid>-<time>.jsonl`, one fsynced append per batch.
+
+    A line is {"k": unit key, "l": mean loss (NaN allowed), "n": scored tokens}. A torn last line
+    (a kill mid-write) is ignored, so at most the batch being written is lost.
+    """
+
+    def __init__(self, folder: Path, rank: int = 0):
+        self.folder = Path(folder)
+        self.rank = rank
+        self._fh = None
+
+    def load(self) -> dict[str, float]:
+        done: dict[str, float] = {}
+        if not self.folder.is_dir():
+            return done
+        for part in sorted(self.folder.glob("part-*.jsonl")):
+            with open(part, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        row = json.loads(line)
+                        done[row["k"]] = float(row["l"])
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue  # a line cut short by a kill
+        return done
+
+    def append(self, results: list[tuple[str, float, int]]) -> None:
+        if self._fh is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            name = f"part-{self.rank}-{os.getpid()}-{time.time_ns()}.jsonl"
+            self._fh = open(self.folder / name, "a", encoding="utf-8")
+        self._fh.write("".join(json.dumps({"k": k, "l": loss, "n": n}) + "\n" for k, loss, n in results))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def remove(self) -> None:
+        """Drop the shards once the final artifact is written (it holds everything they held)."""
+        self.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        parent = self.folder.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def shard_folder(output: str | os.PathLike, signature: str) -> Path:
+    """Where a run writing `output` keeps its shards: `<output>.parts/<signature>/`."""
+    out = Path(output)
+    return out.with_name(out.name + ".parts") / signature

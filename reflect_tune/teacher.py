@@ -166,13 +166,15 @@ class RateLimiter:
     Requests follow a schedule of one start every 60/rpm seconds. A start that wakes a little late
     keeps the schedule (the next one is not pushed back), so the rate reaches the limit; slots
     never lag more than a quarter interval, so there is no burst after a pause. On top, a log of
-    the last minute's starts makes the limit hard: no 60-second window ever holds more than `rpm`.
+    the last 61 seconds' starts makes the limit hard: no 60-second window ever holds more than
+    `rpm`, even when network jitter of up to a second bunches the arrivals at the server.
     Tokens are charged when a request starts (its prompt estimate plus `max_tokens`, as providers
     reserve them) and a request waits until the last 60 seconds' charges plus its own fit in
     `tpm`. Waiters are served in arrival order.
     """
 
     WINDOW = 60.0
+    GUARD = 1.0  # seconds added to the hard window, so network jitter cannot push arrivals over the limit
     SLACK = 0.25  # of an interval: how late a start may be and still keep the schedule
 
     def __init__(self, rpm: int | None = None, tpm: int | None = None, clock=time.monotonic, sleep=asyncio.sleep):
@@ -185,22 +187,24 @@ class RateLimiter:
         self.waited = 0.0
 
     def _rpm_wait(self, now: float) -> float:
-        while self.starts and self.starts[0] <= now - self.WINDOW:
+        span = self.WINDOW + self.GUARD
+        while self.starts and self.starts[0] <= now - span:
             self.starts.popleft()
         wait = self.next_start - now
         if len(self.starts) >= self.rpm:  # the hard guarantee, whatever the schedule says
-            wait = max(wait, self.starts[0] + self.WINDOW - now)
+            wait = max(wait, self.starts[0] + span - now)
         return wait
 
     def _tpm_wait(self, now: float, tokens: int) -> float:
-        while self.charges and self.charges[0][0] <= now - self.WINDOW:
+        span = self.WINDOW + self.GUARD
+        while self.charges and self.charges[0][0] <= now - span:
             self.charged -= self.charges.popleft()[1]
         if self.charged + tokens <= self.tpm:
             return 0.0
         over, wait = self.charged + tokens - self.tpm, 0.0
         for t, n in self.charges:  # wait until enough old charges leave the window
             over -= n
-            wait = t + self.WINDOW - now
+            wait = t + span - now
             if over <= 0:
                 break
         return max(wait, 1e-3)

@@ -44,16 +44,12 @@ from reflect_tune.data import load_records
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError
 from reflect_tune.losses import IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, naive_distill_loss
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
+from reflect_tune.templates import alpaca_prompt
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "full")
 TEMPLATES = ("chat", "alpaca")
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-ALPACA_PREAMBLE_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
 # Changing these between a checkpoint and `--resume` is allowed; anything else must match.
 _RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge"}
 LOG_FIELDS = ["step", "epoch", "tokens", "loss", "ce_loss", "kd_loss", "lr", "grad_norm", "tokens_per_s", "wall_s"]
@@ -196,12 +192,8 @@ class Example:
 
 def render(rec, tok, template: str) -> tuple[str, str]:
     """(prompt, completion) text for one record; the loss covers the completion only."""
-    if template == "alpaca":
-        if rec.input:
-            head = rec.system or ALPACA_PREAMBLE_INPUT
-            prompt = f"{head}\n\n### Instruction:\n{rec.instruction}\n\n### Input:\n{rec.input}\n\n### Response:\n"
-        else:
-            prompt = f"{rec.system or ALPACA_PREAMBLE}\n\n### Instruction:\n{rec.instruction}\n\n### Response:\n"
+    if template == "alpaca":  # a record's system prompt replaces the Alpaca preamble
+        prompt = alpaca_prompt(rec.instruction, rec.input, preamble=rec.system or None) + "\n"
         return prompt, rec.output + (tok.eos_token or "")
     messages = ([{"role": "system", "content": rec.system}] if rec.system else []) + [
         {"role": "user", "content": rec.instruction_text}, {"role": "assistant", "content": rec.output}]

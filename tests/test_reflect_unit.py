@@ -175,7 +175,9 @@ def test_rpm_paces_requests_and_never_exceeds_any_window():
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert min(gaps) >= 0.5 - 1e-9  # on time: exactly 60/120 s apart
     assert _max_in_window(starts, 60.0) <= 120  # no 60-second window holds more than 120
-    assert starts[-1] - starts[0] == pytest.approx(299 * 0.5)  # and it is not slower than the limit
+    assert _max_in_window(starts, 61.0) <= 120  # with a one-second guard against network jitter
+    rate = 299 / (starts[-1] - starts[0])  # and it is not slower than the limit allows
+    assert 2.0 * 60 / 61 - 1e-9 <= rate <= 2.0
 
 
 def _max_in_window(starts, width):
@@ -201,8 +203,8 @@ def test_rpm_keeps_its_schedule_when_wakeups_are_late(late):
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert min(gaps) >= 0.75 * 0.5 - 1e-9  # never closer than the schedule's slack allows
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
-    if late <= 0.125:  # within the slack, late wake-ups cost nothing
-        assert rate == pytest.approx(2.0, rel=0.01)
+    if late <= 0.125:  # within the slack, late wake-ups cost (almost) nothing
+        assert 0.95 * 2.0 <= rate <= 2.0
 
 
 def test_tpm_never_exceeds_the_token_budget():
