@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from common import machine, torch_line, write_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Memory-lean KD loss"
@@ -85,21 +83,6 @@ def run_child(impl: str, vocab: int, args) -> dict:
            "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -159,7 +142,7 @@ def main() -> None:
 
     section = (
         f"{SECTION}\n\n"
-        f"- Machine: {machine()}\n"
+        f"- Machine: {machine(torch_line())}\n"
         f"- Command: `python bench/bench_kd_loss.py --tokens {args.tokens} --hidden {args.hidden} "
         f"--rounds {args.rounds} --repeats {args.repeats}`\n"
         f"- Date: {time.strftime('%Y-%m-%d')}, reflect-tune {__version__} ({commit or 'uncommitted'})\n"
@@ -175,17 +158,8 @@ def main() -> None:
         "other work, so single figures are noisy; the ratios come from the same run.\n\n"
         f"{table}\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
     )
-    write_section(ROOT / "docs" / "BENCHMARKS.md", section)
+    write_section(ROOT / "docs" / "BENCHMARKS.md", SECTION, section)
     print(f"wrote {SECTION!r} to docs/BENCHMARKS.md")
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md, keeping the others."""
-    header = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are measured side by side in one run.\n\n"
-    text = path.read_text() if path.exists() else header
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

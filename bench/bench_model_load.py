@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import machine, torch_line, write_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Loading the bundled model"
@@ -33,21 +32,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -90,7 +74,7 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        f"- Machine: {machine()}",
+        f"- Machine: {machine(torch_line())}",
         f"- Command: `{command.strip()}` (also `make bench`)",
         f"- Date: {time.strftime('%Y-%m-%d')}, reflect-tune {_version()}",
         "",
@@ -104,7 +88,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", text)
+        write_section(ROOT / "docs" / "BENCHMARKS.md", SECTION, text)
     shutil.rmtree(os.environ["REFLECT_TUNE_CACHE"], ignore_errors=True)  # 540 MB of converted weights
 
 
@@ -116,15 +100,6 @@ def _version() -> str:
     except OSError:
         rev = ""
     return f"{__version__}" + (f" ({rev})" if rev else "")
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md, keeping the others."""
-    header = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are measured side by side in one run.\n\n"
-    text = path.read_text() if path.exists() else header
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

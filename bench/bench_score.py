@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 SECTION = "## Scoring and selection"
 MODEL_INFO: dict = {}
 
-from bench_model_load import _version, machine  # noqa: E402
+from bench_model_load import _version  # noqa: E402
+from common import machine, torch_line, write_section  # noqa: E402
 
 
 def reflected_rows(n: int) -> list[dict]:
@@ -226,7 +227,7 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        f"- Machine: {machine()}; load average {' / '.join(loads)} (start / after select / end): the machine was shared",
+        f"- Machine: {machine(torch_line())}; load average {' / '.join(loads)} (start / after select / end): the machine was shared",
         f"- Command: `{command.strip()}`",
         f"- Date: {time.strftime('%Y-%m-%d')}, reflect-tune {_version()}",
         f"- Model: `{args.model}` ({MODEL_INFO['params'] / 1e6:.1f}M parameters, vocab {MODEL_INFO['vocab']}), template chat; "
@@ -279,23 +280,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", text)
+        write_section(ROOT / "docs" / "BENCHMARKS.md", SECTION, text)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md, keeping the others."""
-    import re
-
-    header = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are measured side by side in one run.\n\n"
-    text = path.read_text() if path.exists() else header
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip("\n") + "\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    text = text.rstrip("\n") + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from common import machine, write_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Teacher client throughput"
@@ -188,20 +188,10 @@ def measure(server: Server, name: str, kind: str, n: int, concurrency: int, rpm:
 # ------------------------------------------------------------------------------------ report
 
 
-def machine() -> str:
+def _openai_version() -> str:
     import openai
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"openai {openai.__version__}")
+    return openai.__version__
 
 
 def revision() -> str:
@@ -281,7 +271,7 @@ def render(rows: list[dict], ref: dict, command: str, loadavg: tuple, limiter_on
     lines = [
         SECTION,
         "",
-        f"- Machine: {machine()}; load average at start {loadavg[0]:.2f} (other jobs may share the cores)",
+        f"- Machine: {machine(f'Python {platform.python_version()}', f'openai {_openai_version()}')}; load average at start {loadavg[0]:.2f} (other jobs may share the cores)",
         f"- Command: `{command}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}, {revision()}",
         f"- Server: `python -m reflect_tune.testing_server --latency {LATENCY}` in its own process; every request "
@@ -311,18 +301,6 @@ def render(rows: list[dict], ref: dict, command: str, loadavg: tuple, limiter_on
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md, keeping the others."""
-    header = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are measured side by side in one run.\n\n"
-    text = path.read_text() if path.exists() else header
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -372,7 +350,7 @@ def main() -> None:
     text = render(rows, ref, command, loadavg, limiter_only)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", text)
+        write_section(ROOT / "docs" / "BENCHMARKS.md", SECTION, text)
 
 
 if __name__ == "__main__":

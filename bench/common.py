@@ -1,0 +1,39 @@
+"""Shared by the benchmark scripts: the machine line and the section writer for docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+HEADER = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are measured side by side in one run.\n\n"
+
+
+def machine(*extras: str) -> str:
+    """'2 cores (AMD EPYC ...), 24 GiB RAM' plus any extras (library versions, threads)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return ", ".join([f"{os.cpu_count()} cores ({cpu})", f"{mem:.0f} GiB RAM", *extras])
+
+
+def torch_line() -> str:
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_section(path: Path, title: str, section: str) -> None:
+    """Replace the section headed `title` in BENCHMARKS.md (or append it), keeping the others."""
+    text = path.read_text() if path.exists() else HEADER
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    section = section.rstrip("\n") + "\n\n"
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
