@@ -265,6 +265,16 @@ _DTYPE_HELP = "auto: bfloat16 on a GPU that supports it, float32 otherwise. bflo
 _BATCH_HELP = "Token budget per batch (rows x longest row). Default: 4096 on CPU, 16384 on GPU."
 _REVERSE_HELP = "The r-IFD 'guess the instruction' wording; must contain {answer}."
 
+# Options that `score` and `select` share, declared once.
+DtypeOpt = Annotated[ScoreDtype, typer.Option("--dtype", help=_DTYPE_HELP)]
+BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=1, help=_BATCH_HELP)]
+MaxLengthOpt = Annotated[int, typer.Option("--max-length", min=2, help="Tokens beyond this are cut from the right.")]
+ReverseOpt = Annotated[Optional[str], typer.Option("--reverse", help=_REVERSE_HELP)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
+NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")]
+PlainFormatOpt = Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")]
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")]
+
 
 @app.command()
 def score(
@@ -272,16 +282,16 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="scores.parquet: one row per (record, variant) (docs/FORMATS.md §8.2).")],
     model: Annotated[str, typer.Option("--model", "-m", help="The student that scores: bundled name, .gguf, HF folder or hub id.")],
     template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP)] = ScoreTemplate.auto,
-    dtype: Annotated[ScoreDtype, typer.Option("--dtype", help=_DTYPE_HELP)] = ScoreDtype.auto,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", min=1, help=_BATCH_HELP)] = None,
-    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens beyond this are cut from the right.")] = 2048,
+    dtype: DtypeOpt = ScoreDtype.auto,
+    batch_tokens: BatchTokensOpt = None,
+    max_length: MaxLengthOpt = 2048,
     only: Annotated[Optional[ScoreDirection], typer.Option("--only", help="Score one direction only: ifd or rifd.")] = None,
-    reverse: Annotated[Optional[str], typer.Option("--reverse", help=_REVERSE_HELP)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")] = False,
-    format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")] = None,
+    reverse: ReverseOpt = None,
+    device: DeviceOpt = "auto",
+    no_resume: NoResumeOpt = False,
+    format: PlainFormatOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")] = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """Score every candidate pair with the student: IFD and r-IFD (perplexity and loss ratios), batched and resumable.
     Data parallel under `accelerate launch` or `torchrun`.
@@ -317,15 +327,15 @@ def select(
     method: Annotated[Optional[SelectMethod], typer.Option("--method", help="srt (default on reflect output), ifd (default on plain data), rifd, superfilter.")] = None,
     proxy_model: Annotated[Optional[str], typer.Option("--proxy-model", help="With --method superfilter: the small model that scores IFD.")] = None,
     template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP + " superfilter: none.")] = ScoreTemplate.auto,
-    dtype: Annotated[ScoreDtype, typer.Option("--dtype", help=_DTYPE_HELP)] = ScoreDtype.auto,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", min=1, help=_BATCH_HELP)] = None,
-    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens beyond this are cut from the right.")] = 2048,
-    reverse: Annotated[Optional[str], typer.Option("--reverse", help=_REVERSE_HELP)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")] = False,
-    format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")] = None,
+    dtype: DtypeOpt = ScoreDtype.auto,
+    batch_tokens: BatchTokensOpt = None,
+    max_length: MaxLengthOpt = 2048,
+    reverse: ReverseOpt = None,
+    device: DeviceOpt = "auto",
+    no_resume: NoResumeOpt = False,
+    format: PlainFormatOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")] = False,
+    trust_remote_code: TrustCodeOpt = False,
 ) -> None:
     """The student keeps the pairs it learns most from (Selective Reflection-Tuning's two-phase rule, or Cherry's IFD).
 

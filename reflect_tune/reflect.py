@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from reflect_tune.errors import ReflectTuneError
-from reflect_tune.teacher import ApiFailed, FatalApiError, Pending, RequestCache, TeacherClient
+from reflect_tune.teacher import ApiFailed, FatalApiError, Pending, RequestCache, TeacherClient, rough_tokens
 
 log = logging.getLogger("reflect_tune.reflect")
 
@@ -371,7 +371,8 @@ def run_reflect(config: ReflectConfig) -> dict[str, Any]:
 
 def _check_tpm(config: ReflectConfig, records, prompts: Prompts) -> None:
     longest = max(len(r.instruction) + len(r.input) + len(r.output) for r in records)
-    est = (longest + max(len(t) for t in prompts.texts.values())) // 3 + config.max_tokens
+    widest = max(len(t) for t in prompts.texts.values())
+    est = rough_tokens(longest + widest) + config.max_tokens
     if est > config.tpm:
         raise ReflectTuneError(f"--tpm {config.tpm} is below a single request's budget (~{est} tokens: prompt + "
                                f"--max-tokens {config.max_tokens}); raise --tpm or lower --max-tokens")
@@ -551,7 +552,7 @@ def token_counter(config: ReflectConfig):
             except KeyError:
                 enc = tiktoken.get_encoding("o200k_base")
             text = lambda s: len(enc.encode(s, disallowed_special=()))  # noqa: E731
-            return (lambda msgs: sum(text(m["content"]) + 4 for m in msgs) + 3), text, f"tiktoken {enc.name}"
+            return _per_message(text), text, f"tiktoken {enc.name}"
         except Exception as e:  # the encoding files are downloaded on first use; offline they are missing
             log.warning("tiktoken could not load an encoding for %s (%s); estimating 4 characters per token",
                         name, str(e).splitlines()[0][:120])
@@ -575,13 +576,18 @@ def token_counter(config: ReflectConfig):
             ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
             return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     else:
-        messages = lambda msgs: sum(text(m["content"]) + 4 for m in msgs) + 3  # noqa: E731
+        messages = _per_message(text)
     return messages, text, f"tokenizer of {spec}"
+
+
+def _per_message(text):
+    """Chat tokens without a template: each message's content plus ~4 framing tokens, plus 3 to prime the reply."""
+    return lambda msgs: sum(text(m["content"]) + 4 for m in msgs) + 3
 
 
 def _heuristic():
     text = lambda s: max(1, len(s) // 4)  # noqa: E731
-    return (lambda msgs: sum(text(m["content"]) + 4 for m in msgs) + 3), text, "about 4 characters per token"
+    return _per_message(text), text, "about 4 characters per token"
 
 
 def dry_run(config: ReflectConfig, records, prompts: Prompts, cache: RequestCache) -> dict[str, Any]:

@@ -145,6 +145,15 @@ class RequestCache:
         self.db.close()
 
 
+def rough_tokens(chars: int) -> int:
+    """What --tpm charges for prompt text: a deliberate over-estimate (3 characters per token)."""
+    return chars // 3
+
+
+def rough_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    return sum(rough_tokens(len(m["content"])) + 4 for m in messages)
+
+
 def reply_from_json(data: Any) -> Reply:
     """A chat.completion object (as JSON) to a `Reply`; tolerant of servers that omit fields."""
     if not isinstance(data, dict):
@@ -416,8 +425,8 @@ class TeacherClient:
                 raise ApiFailed(failed, "batch", 0)
             self.pending[key] = self.body(messages)
             raise Pending(key)
-        if not est_prompt_tokens:  # a deliberate over-estimate (3 characters per token) keeps --tpm safe
-            est_prompt_tokens = sum(len(m["content"]) // 3 + 4 for m in messages)
+        if not est_prompt_tokens:
+            est_prompt_tokens = rough_prompt_tokens(messages)
         reply = await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0))
         self.cache.put(key, self.model, reply)
         return reply
