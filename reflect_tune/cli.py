@@ -207,6 +207,7 @@ def reflect(
     max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Retries per request for 408/409/429/5xx, timeouts and dropped connections.")] = 6,
     backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="Backoff scale in seconds: retry n waits a random time up to backoff*2^n (max 60 s), unless the server sends Retry-After.")] = 1.0,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --batch-api: resubmit requests a batch reported as failed.")] = False,
+    no_reask: Annotated[bool, typer.Option("--no-reask", help="Record an unparsable reply as parse_failed at once instead of re-asking once (weak local teachers).")] = False,
     price_in: Annotated[Optional[float], typer.Option("--price-in", min=0.0, help="USD per 1M prompt tokens (overrides the built-in table).")] = None,
     price_out: Annotated[Optional[float], typer.Option("--price-out", min=0.0, help="USD per 1M completion tokens (overrides the built-in table).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="For --dry-run on a non-OpenAI model: a model spec whose tokenizer counts tokens.")] = None,
@@ -227,7 +228,7 @@ def reflect(
             max_tokens=max_tokens, temperature=temperature, limit=limit, dry_run=dry_run, batch_api=batch_api,
             no_wait=no_wait, poll_interval=poll_interval, prompts=str(prompts) if prompts else None,
             cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries, backoff=backoff,
-            retry_failed=retry_failed,
+            retry_failed=retry_failed, reask=not no_reask,
             price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
             split=split,
         )
@@ -317,6 +318,11 @@ def score(
         )
 
 
+class MissingResponse(str, Enum):
+    drop = "drop"
+    keep = "keep"
+
+
 @app.command()
 def select(
     input: Annotated[str, typer.Argument(help="Reflect output JSONL (method srt) or plain instruction data (method ifd).")],
@@ -326,6 +332,7 @@ def select(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep this many, best first. Excludes --top.")] = None,
     method: Annotated[Optional[SelectMethod], typer.Option("--method", help="srt (default on reflect output), ifd (default on plain data), rifd, superfilter.")] = None,
     proxy_model: Annotated[Optional[str], typer.Option("--proxy-model", help="With --method superfilter: the small model that scores IFD.")] = None,
+    missing_response: Annotated[MissingResponse, typer.Option("--missing-response", help="srt: a pair whose response reflection is not ok is dropped (the reference) or kept with its own answer.")] = MissingResponse.drop,
     template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP + " superfilter: none.")] = ScoreTemplate.auto,
     dtype: DtypeOpt = ScoreDtype.auto,
     batch_tokens: BatchTokensOpt = None,
@@ -350,6 +357,7 @@ def select(
         config = SelectConfig(
             input=input, output=str(output), model=model, top=top, top_k=top_k,
             method=method.value if method else None, proxy_model=proxy_model, template=template.value,
+            missing_response=missing_response.value,
             dtype=dtype.value, batch_tokens=batch_tokens, max_length=max_length,
             reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
@@ -440,6 +448,65 @@ def train(
     if summary.get("is_main", True):
         typer.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} target tokens "
                    f"(final loss {summary['final_loss']}); wrote {cfg.output}")
+
+
+
+@app.command("make-student")
+def make_student(
+    source: Annotated[str, typer.Option("--from", help="The teacher to cut down: bundled:NAME, an HF folder, a .gguf or a hub id.")],
+    layers: Annotated[int, typer.Option("--layers", min=1, help="Decoder layers the student keeps (every k-th of the teacher's).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: an HF model folder with the teacher's tokenizer.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder.")] = False,
+) -> None:
+    """Make a smaller student from a teacher, DistilBERT-style: keep every k-th decoder layer, with the
+    teacher's embeddings, final norm, output layer and tokenizer, so the two share a vocabulary for KD.
+
+    [bold]Example[/bold]: reflect-tune make-student --from bundled:smollm2-135m-instruct --layers 10 -o models/student-10l
+    """
+    from reflect_tune.student import make_student as run_make_student
+
+    with user_errors():
+        summary = run_make_student(source, layers, str(output), overwrite=overwrite, trust_remote_code=trust_remote_code)
+    typer.echo(f"kept layers {summary['kept_layers']} of {summary['teacher_layers']} "
+               f"({summary['parameters']:,} parameters); wrote {output}")
+
+
+
+class StageName(str, Enum):
+    student = "student"
+    reflect = "reflect"
+    select = "select"
+    train = "train"
+
+
+@app.command("run")
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="The pipeline YAML: `name`, `data` and a section per stage (see examples/pipeline.yaml).")],
+    start: Annotated[Optional[StageName], typer.Option("--from", help="Start at this stage; the earlier ones must be finished.")] = None,
+    until: Annotated[Optional[StageName], typer.Option("--until", help="Stop after this stage.")] = None,
+    runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Parent of the run folder. Default: the file's `runs_dir`, else ./runs.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run every stage of a pipeline file: make-student, reflect, select, train.
+
+    Each stage writes to RUNS/NAME/STAGE-KEY, where KEY hashes the stage's settings and inputs.
+    A rerun skips finished stages and resumes an interrupted one; a changed setting makes a new
+    folder for that stage and the ones after it. RUNS/NAME/summary.md sums up the run.
+
+    [bold]Example[/bold]: reflect-tune run examples/pipeline.yaml --until select
+    """
+    from reflect_tune.pipeline import load_pipeline, run_pipeline
+
+    with user_errors():
+        record = run_pipeline(pipeline, start=start.value if start else None, until=until.value if until else None,
+                              runs_dir=str(runs_dir) if runs_dir else None, progress=not no_progress)
+        folder = load_pipeline(pipeline, str(runs_dir) if runs_dir else None).folder
+    for st in record["stages"]:
+        note = "" if not st.get("skipped") else "(skipped: finished earlier)" if st["status"] == "done" else "(not run: outside --from/--until)"
+        typer.echo(f"{st['name']:8} {st['status']:12} {note}".rstrip())
+    typer.echo(f"run folder: {folder}")
+    typer.echo(f"summary: {folder / 'summary.md'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -197,6 +197,7 @@ class _Opts:
     scaled: bool
     vocab_size: int
     chunk_size: int
+    grad: bool = True  # False under torch.no_grad(): no gradient work in forward
 
 
 def _chunk_loss(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, o: _Opts, need_grad: bool):
@@ -249,7 +250,7 @@ class _ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, labels, opts: _Opts):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0] and opts.grad, ctx.needs_input_grad[1] and opts.grad
         V = opts.vocab_size
         ws = w_s[:V]
         wt = w_t[:V] if w_t is not None else None
@@ -352,7 +353,8 @@ def chunked_distill_loss(
     if n and int(kept_labels.max()) >= V:
         raise ValueError(f"a label id ({int(kept_labels.max())}) is outside the vocabulary of {V}")
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // V)
-    opts = _Opts(kd_ratio if has_teacher else 0.0, kd_loss, float(temperature), beta, alpha, scaled, V, chunk)
+    opts = _Opts(kd_ratio if has_teacher else 0.0, kd_loss, float(temperature), beta, alpha, scaled, V, chunk,
+                 grad=torch.is_grad_enabled())
     loss, ce, kd = _ChunkedDistill.apply(h_s, student_weight, h_t, teacher_weight, kept_labels, opts)
     if reduction == "mean":
         loss, ce, kd = loss / max(n, 1), ce / max(n, 1), kd / max(n, 1)

@@ -87,6 +87,7 @@ class ReflectConfig:
     no_wait: bool = False
     poll_interval: float = 30.0
     retry_failed: bool = False
+    reask: bool = True  # re-ask once when a reply cannot be parsed (off: record parse_failed at once)
     prompts: str | None = None
     cache_dir: str | None = None
     timeout: float = 120.0
@@ -219,7 +220,8 @@ def _variant(status: str, reason: str | None, usage: dict[str, int], **texts: An
     return {"status": status, "reason": reason, **texts, "usage": usage}
 
 
-async def ask(client: TeacherClient, prompts: Prompts, kind: str, instruction: str, input: str, output: str) -> dict:
+async def ask(client: TeacherClient, prompts: Prompts, kind: str, instruction: str, input: str, output: str,
+              reask: bool = True) -> dict:
     """One reflection (with its single re-ask). Returns the variant as written to the output."""
     if kind == "ins":
         template, names = prompts.texts["instruction"], ("NEW INSTRUCTION", "NEW ANSWER")
@@ -234,7 +236,7 @@ async def ask(client: TeacherClient, prompts: Prompts, kind: str, instruction: s
     usage = _usage()
     problem = None
     try:
-        for attempt in range(2):
+        for attempt in range(2 if reask else 1):
             reply = await client.chat(messages)
             usage["requests"] += 1
             usage["prompt_tokens"] += reply.prompt_tokens
@@ -259,13 +261,13 @@ def _no_text(kind: str) -> dict[str, None]:
     return {"instruction": None, "input": None, "output": None} if kind == "ins" else {"output": None}
 
 
-async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: tuple[str, ...]) -> dict:
+async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: tuple[str, ...], reask: bool = True) -> dict:
     """All requested variants of one record; `ins` and `res` run concurrently, `res_ins` after `ins`."""
     jobs = {}
     if "instruction" in stages:
-        jobs["ins"] = ask(client, prompts, "ins", rec.instruction, rec.input, rec.output)
+        jobs["ins"] = ask(client, prompts, "ins", rec.instruction, rec.input, rec.output, reask)
     if "response" in stages:
-        jobs["res"] = ask(client, prompts, "res", rec.instruction, rec.input, rec.output)
+        jobs["res"] = ask(client, prompts, "res", rec.instruction, rec.input, rec.output, reask)
     done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
     variants = {}
     for kind, stage in (("ins", "instruction"), ("res", "response")):
@@ -278,7 +280,7 @@ async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: t
         status = "pending" if ins["status"] == "pending" else "skipped"
         variants["res_ins"] = _variant(status, "ins not ok", _usage(), output=None)
     else:
-        variants["res_ins"] = await ask(client, prompts, "res_ins", ins["instruction"], "", ins["output"])
+        variants["res_ins"] = await ask(client, prompts, "res_ins", ins["instruction"], "", ins["output"], reask)
     total = _usage()
     for v in variants.values():
         for k in total:
@@ -386,7 +388,7 @@ async def walk(records, client: TeacherClient, prompts: Prompts, config: Reflect
 
     async def worker() -> None:
         for i in next_index:
-            results[i] = await reflect_record(records[i], client, prompts, config.stages)
+            results[i] = await reflect_record(records[i], client, prompts, config.stages, config.reask)
             bar.record_done(results[i])
 
     workers = [asyncio.create_task(worker()) for _ in range(min(config.concurrency, len(records)))]

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("srt", "ifd", "rifd", "superfilter")
 DECISIONS = (
-    "phase1_original", "phase1_ins", "phase2_kept", "phase2_res", "dropped_variant_not_ok", "dropped_nan",
+    "phase1_original", "phase1_ins", "phase2_kept", "phase2_res", "phase2_no_variant", "dropped_variant_not_ok", "dropped_nan",
     "dropped_ifd_ge_1", "dropped_rifd_ge_1", "dropped_below_cut",
 )
 RESPONSE_OF = {"original": "res", "ins": "res_ins"}
@@ -65,6 +65,7 @@ class SelectConfig:
     top: float | None = None  # fraction of the input records to keep
     top_k: int | None = None  # or a count
     method: str | None = None  # None: srt on reflect output, ifd on plain data
+    missing_response: str = "drop"  # srt, the winner's response variant not ok: "drop" the pair, or "keep" its own answer
     proxy_model: str | None = None
     template: str = "auto"
     dtype: str = "auto"
@@ -303,6 +304,8 @@ def _validate(config: SelectConfig, reflected: bool) -> str:
         raise ReflectTuneError(f"--top must be a fraction in (0, 1], got {config.top}")
     if config.top_k is not None and config.top_k < 1:
         raise ReflectTuneError(f"--top-k must be at least 1, got {config.top_k}")
+    if config.missing_response not in ("drop", "keep"):
+        raise ReflectTuneError(f"--missing-response must be drop or keep, got {config.missing_response!r}")
     method = config.method or ("srt" if reflected else "ifd")
     if method not in METHODS:
         raise ReflectTuneError(f"unknown method {method!r}; choose {', '.join(METHODS)}")
@@ -344,7 +347,7 @@ def run_select(config: SelectConfig) -> SelectResult:
     session = ScoreSession(scorer, shard_folder(out, scorer.signature), resume=config.resume, progress=config.progress)
     if method == "srt":
         cands = loaded.candidates
-        rows, outcomes = _select_srt(session, cands, len(loaded.ids))
+        rows, outcomes = _select_srt(session, cands, len(loaded.ids), config.missing_response == "keep")
         need = ("ifd", "rifd")
     else:
         cands = [c for c in loaded.candidates if c.variant == "original"]
@@ -400,8 +403,10 @@ def run_select(config: SelectConfig) -> SelectResult:
     return result
 
 
-def _select_srt(session: ScoreSession, cands: list[Candidate], records: int):
-    """Both phases. Returns a scores row per candidate (unscored passes null) and an outcome per record."""
+def _select_srt(session: ScoreSession, cands: list[Candidate], records: int, keep_missing: bool = False):
+    """Both phases. Returns a scores row per candidate (unscored passes null) and an outcome per record.
+    `keep_missing`: a winner whose response variant is not ok goes on with its own answer (phase 2
+    `no_variant`, like the reference's fallback to the original text) instead of being dropped."""
     at: dict[tuple[int, str], int] = {(c.index, c.variant): i for i, c in enumerate(cands)}
     rows: list[dict[str, Any] | None] = [None] * len(cands)
 
@@ -410,6 +415,7 @@ def _select_srt(session: ScoreSession, cands: list[Candidate], records: int):
         rows[i] = row
     outcomes: list[Outcome] = []
     second: list[int] = []
+    solo: list[int] = []  # winners with no response variant, kept as they are (keep_missing)
     for index in range(records):
         o = Outcome(index=index)
         orig = at[(index, "original")]
@@ -417,7 +423,10 @@ def _select_srt(session: ScoreSession, cands: list[Candidate], records: int):
         o.phase1 = phase1(rows[orig]["ifd"], rows[ins]["ifd"] if ins is not None else None)
         winner = orig if o.phase1 == "original" else ins
         response = at.get((index, RESPONSE_OF[o.phase1]))
-        if response is None:  # not response-reflected: the reference drops it too
+        if response is None and keep_missing:
+            o.phase2, o.kept = "no_variant", winner
+            solo.append(winner)
+        elif response is None:  # not response-reflected: the reference drops it too
             o.decision = "dropped_variant_not_ok"
             o.kept = winner
         else:
@@ -425,12 +434,12 @@ def _select_srt(session: ScoreSession, cands: list[Candidate], records: int):
         outcomes.append(o)
     # the winner's IFD is known from phase 1; the response variant's IFD waits until it wins phase 2
     wants = [("ifd", "rifd") if k % 2 == 0 else ("rifd",) for k in range(len(second))]
-    scored = session.score([cands[i] for i in second], wants, label="phase 2: r-IFD")
-    for i, row in zip(second, scored):
+    scored = session.score([cands[i] for i in second + solo], wants + [("ifd", "rifd")] * len(solo), label="phase 2: r-IFD")
+    for i, row in zip(second + solo, scored):
         rows[i] = row
     third: list[int] = []
     for o in outcomes:
-        if o.decision:
+        if o.decision or o.phase2 == "no_variant":
             continue
         winner = at[(o.index, o.phase1)]
         response = at[(o.index, RESPONSE_OF[o.phase1])]
@@ -509,6 +518,7 @@ def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 def _write_report(folder: Path, summary, rows, outcomes, method: str, cut: float | None) -> None:
     """summary.json plus a histogram of IFD and of r-IFD over the pairs that reached the filter."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -522,7 +532,15 @@ def _write_report(folder: Path, summary, rows, outcomes, method: str, cut: float
         values = [r[column] for r in pool if r[column] is not None and not math.isnan(r[column])]
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         if values:
-            ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4c72b0", alpha=0.85)
+            # the filter's region is [0, 1]: far outliers (a weak student gives IFD in the thousands)
+            # are gathered in one last bin, labelled, so that they cannot squash it
+            top = max(2.0, float(np.percentile(values, 95)) * 1.1)
+            over = sum(v > top for v in values)
+            shown = [min(v, top) for v in values]
+            ax.hist(shown, bins=min(50, max(10, len(values) // 4)), range=(0.0, top), color="#4c72b0", alpha=0.85)
+            if over:
+                ax.annotate(f"{over} above {top:.3g} (max {max(values):.3g})", xy=(top, 0), xytext=(0.97, 0.9),
+                            textcoords="axes fraction", ha="right", fontsize=8, arrowprops={"arrowstyle": "->", "color": "gray"})
             ax.axvline(1.0, color="gray", linestyle=":", label=f"{title} = 1 (kept below)")
             if cut is not None and (column == "rifd") == (method == "rifd"):
                 ax.axvline(cut, color="#c44e52", linestyle="--", label=f"cut {cut:.4f} ({summary['selected']} selected)")

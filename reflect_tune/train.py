@@ -94,6 +94,7 @@ class TrainConfig:
     lora_target: str = "all-linear"
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    eval_samples: int = 32  # CE on the first N examples before and after training (meta.json); 0: off
     format: Optional[str] = None
     split: Optional[str] = None
     overwrite: bool = False
@@ -165,6 +166,7 @@ def validate_config(cfg: TrainConfig) -> None:
     checks += [(n, "must be between 0 and 1", not 0.0 <= getattr(cfg, n) <= 1.0)
                for n in ("kd_ratio", "beta", "skew_alpha", "warmup_ratio", "lora_dropout")]
     checks += [("max_length", "must be at least 2", cfg.max_length < 2), ("save_every", "must be >= 0", cfg.save_every < 0),
+               ("eval_samples", "must be >= 0", cfg.eval_samples < 0),
                ("max_steps", "must be at least 1", cfg.max_steps is not None and cfg.max_steps < 1),
                ("temperature", "must be > 0", not cfg.temperature > 0), ("lr", "must be > 0", cfg.lr is not None and not cfg.lr > 0),
                ("merge", "only for --lora/--qlora (a full fine-tune is already a whole model)", cfg.merge and cfg.method == "full")]
@@ -628,6 +630,27 @@ def _optimizer_step(run: _Run, group_mbs: list) -> tuple[dict, int, int]:
     return sums, step_tokens, sum(len(row) for mb in group_mbs for row in mb)
 
 
+def eval_loss(run: _Run) -> float | None:
+    """Mean response-token cross-entropy of the model on the first `eval_samples` examples (the
+    same ones before and after training; no teacher term), or None when switched off."""
+    n = min(run.cfg.eval_samples, len(run.examples))
+    if n == 0:
+        return None
+    acc = run.accelerator
+    pad_id = run.tok.pad_token_id if run.tok.pad_token_id is not None else 0
+    ce_setup = dataclasses.replace(run.setup, teacher=None, kd_ratio=0.0)
+    total = tokens = 0.0
+    run.model.eval()
+    with torch.no_grad(), acc.autocast():
+        for i in range(0, n, run.cfg.batch_size):  # unpacked, so every example is scored on its own
+            batch = collate([[e] for e in run.examples[i : min(i + run.cfg.batch_size, n)]], pad_id, packed=False)
+            batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            total += float(micro_batch_loss(run.model, run.head, batch, ce_setup).ce)
+            tokens += batch["tokens"]
+    run.model.train()
+    return round(total / max(tokens, 1), 6)
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training described by `cfg`; returns a summary (also stored in OUTDIR/meta.json)."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -650,9 +673,15 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             start_epoch, start_mb = state["data_position"]["epoch"], state["data_position"]["micro_batch"]
             resumed_from = str(ckpt)
             log.info("resuming from %s (step %d of %d)", ckpt, step, run.total_steps)
-    log_path = out / "train_log.csv"
+    log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
     if main:
         _append_log(log_path, [], keep_until=step)
+    if eval_path.is_file():  # measured before the first step of this run, which is being resumed
+        loss_before = json.loads(eval_path.read_text())["loss"]
+    else:
+        loss_before = eval_loss(run) if step == 0 else None
+        if main:
+            atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(run.examples))}))
     progress = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), TaskProgressColumn(),
                         TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not (main and cfg.progress))
@@ -684,7 +713,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                                      "data_position": position, "world_size": acc.num_processes, "config": run.meta["config"]},
                                     acc, cfg.keep_checkpoints)
     summary = {"steps": step, "total_steps": run.total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
-               "final_loss": float(last["loss"]) if last else None, "vocab_size": run.setup.vocab_size,
+               "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before, "loss_after": eval_loss(run),
+               "eval_examples": min(cfg.eval_samples, len(run.examples)), "vocab_size": run.setup.vocab_size,
                "world_size": acc.num_processes, "lean_loss": run.setup.lean, "resumed_from": resumed_from,
                "wall_s": round(time.time() - run_start, 1)}
     run.meta["result"] = summary

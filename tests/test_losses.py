@@ -215,6 +215,24 @@ def test_chunked_sum_reduction_frozen_weight_and_no_teacher():
     assert out.kd.item() == 0.0
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_chunked_under_no_grad_gives_the_same_values_and_no_graph(name, monkeypatch):
+    """An evaluation pass (torch.no_grad) skips the gradient work done in forward, same numbers."""
+    hs, ws, ht, wt, labels, v = _pair(seed=4)
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    kw = dict(kd_ratio=0.4, kd_loss=name, vocab_size=v, chunk_size=9)
+    with_grad = chunked_distill_loss(h, w, labels, ht, wt, **kw)
+    seen = []
+    real = losses._chunk_loss
+    monkeypatch.setattr(losses, "_chunk_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        no_grad = chunked_distill_loss(h, w, labels, ht, wt, **kw)
+    assert seen and not any(seen)  # need_grad was False for every chunk
+    assert not no_grad.loss.requires_grad
+    for a, b in ((with_grad.loss, no_grad.loss), (with_grad.ce, no_grad.ce), (with_grad.kd, no_grad.kd)):
+        assert a.item() == b.item()
+
+
 def test_chunked_kd_only_and_no_counted_tokens():
     hs, ws, ht, wt, labels, v = _pair(seed=2)
     got = chunked_kd_loss(hs, ws, ht, wt, labels, kd_loss="reverse_kl", vocab_size=v)

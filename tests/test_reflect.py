@@ -308,6 +308,19 @@ def test_stages_option_selects_variants(tmp_path):
     assert v["ins"]["reason"] == "stage 'instruction' not requested"
 
 
+def test_no_reask_records_an_unparsable_reply_at_once(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Nothing FAULT:na", "input": "", "output": "I."}])
+    with FakeOpenAI() as srv:
+        for flags, calls in (((), 2), (("--no-reask",), 1)):
+            out = tmp_path / f"o{calls}.jsonl"
+            run = reflect(str(data), *common(srv, out, tmp_path / f"c{calls}", "--stages", "response", *flags))
+            assert run.returncode == 0, run.stderr
+            v = lines(out)[0]["variants"]["res"]
+            assert v["status"] == "parse_failed" and v["usage"]["requests"] == calls
+            assert ("after re-ask" in v["reason"]) == (calls == 2)
+        assert srv.stats()["chat_requests"] == 3
+
+
 def test_base_url_from_environment_and_limit_checks(tmp_path):
     out, cache = tmp_path / "o.jsonl", tmp_path / "c"
     with FakeOpenAI() as srv:

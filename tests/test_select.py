@@ -53,7 +53,8 @@ def is_nan(x) -> bool:
     return x is None or math.isnan(x)
 
 
-def plain_srt(rows: list[dict], top: float | None = None, top_k: int | None = None) -> list[tuple[str, str]]:
+def plain_srt(rows: list[dict], top: float | None = None, top_k: int | None = None,
+              keep_missing: bool = False) -> list[tuple[str, str]]:
     """The paper's rule, written plainly from issue 4, on the scores table."""
     table: dict[str, dict[str, dict]] = {}
     order: list[str] = []
@@ -68,10 +69,10 @@ def plain_srt(rows: list[dict], top: float | None = None, top_k: int | None = No
         if "ins" in v and not is_nan(v["ins"]["ifd"]) and (is_nan(v["original"]["ifd"]) or v["ins"]["ifd"] > v["original"]["ifd"]):
             first = "ins"
         response = "res" if first == "original" else "res_ins"
-        if response not in v:
+        if response not in v and not keep_missing:
             continue
         pair = first
-        if not is_nan(v[response]["rifd"]) and (is_nan(v[first]["rifd"]) or v[response]["rifd"] < v[first]["rifd"]):
+        if response in v and not is_nan(v[response]["rifd"]) and (is_nan(v[first]["rifd"]) or v[response]["rifd"] < v[first]["rifd"]):
             pair = response
         ifd, rifd = v[pair]["ifd"], v[pair]["rifd"]
         if is_nan(ifd) or is_nan(rifd) or ifd >= 1 or rifd >= 1:
@@ -131,6 +132,29 @@ def test_srt_decisions_and_outputs(tmp_path, tiny_model_dir):
         assert meta["stage"] == "select" and meta["config"]["top"] == 0.1
     assert meta["scoring"]["stats"]["passes"] < 16 * 32  # far fewer than the reference's 4 passes x 4 variants
     assert not (tmp_path / "sel" / "selected.jsonl.parts").exists()
+
+
+def test_srt_missing_response_keep_goes_on_with_the_winners_own_answer(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "reflected.jsonl", reflected_rows())
+    out = tmp_path / "sel" / "selected.jsonl"
+    r = run_cli("select", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--missing-response", "keep")
+    assert r.returncode == 0, r.stderr
+    scores = pq.read_table(tmp_path / "sel" / "selected.scores.parquet").to_pylist()
+    selected = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(s["id"], s["variant"]) for s in selected] == plain_srt(scores, keep_missing=True)
+    d = json.loads((tmp_path / "sel" / "selected.report" / "summary.json").read_text())["decisions"]
+    by = {(s["id"], s["variant"]) for s in scores}
+    no_variant = 0
+    for i in range(32):
+        first = "ins" if any(x["id"] == f"r{i}" and x["variant"] == "ins" and x["rifd"] is not None for x in scores) else "original"
+        if (f"r{i}", "res" if first == "original" else "res_ins") not in by:
+            no_variant += 1
+            winner = next(x for x in scores if x["id"] == f"r{i}" and x["variant"] == first)
+            assert winner["ifd"] is not None and winner["rifd"] is not None  # scored for the filter
+    assert d["dropped_variant_not_ok"] == 0 and d["phase2_no_variant"] == no_variant > 0
+    assert d["phase2_kept"] + d["phase2_res"] + d["phase2_no_variant"] == 32
+    bad = run_cli("select", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--missing-response", "maybe")
+    assert bad.returncode == 2
 
 
 def test_ifd_rifd_and_superfilter_on_plain_data(tmp_path, tiny_model_dir):

@@ -1,0 +1,542 @@
+"""`reflect-tune run pipeline.yaml`: every stage from one config, each in a folder keyed by its inputs.
+
+The loop is plain: for each stage in order (student, reflect, select, train), compute the stage's
+key (a hash of its config and of what it reads), skip it when its folder is finished, else run it.
+A stage folder is finished when its `meta.json` exists, which every stage writes last, so an
+interrupted stage is simply run again into the same folder and resumes from what it left there:
+reflect from its request cache, select from its score shards, train from its latest checkpoint.
+
+Layout (docs/FORMATS.md §8.5):
+
+    RUNS/NAME/pipeline.yaml  run.json  summary.md
+    RUNS/NAME/student-KEY/   reflect-KEY/   select-KEY/   train-KEY/
+
+String values may name environment variables, `${NAME}` or `${NAME:-default}` (as in a compose
+file), so one file serves machines whose paths or servers differ; a value that is only `${NAME}`
+takes the variable's YAML type (`128` a number, empty a null). Relative paths inside the YAML (`data`, and any model, prompts or cache path that exists there)
+are read relative to the YAML file's folder; `runs_dir` is relative to the current folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reflect_tune.artifacts import atomic_write_text, fingerprint, provenance, redact, write_meta
+from reflect_tune.errors import ReflectTuneError
+from reflect_tune.reflect import ReflectConfig
+from reflect_tune.selection import SelectConfig
+from reflect_tune.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("student", "reflect", "select", "train")
+TOP_KEYS = ("name", "runs_dir", "data", "format", "split", *STAGES)
+STUDENT_KEYS = ("from", "layers", "trust_remote_code")
+# settings the pipeline sets itself: never in the YAML, never in a key
+OWNED = {"reflect": ("input", "output", "progress", "format", "split"),
+         "select": ("input", "output", "progress", "resume", "format", "split"),
+         "train": ("data", "output", "progress", "resume", "overwrite", "format", "split")}
+# settings that change nothing in a stage's result: left out of its key
+# (reflect's base_url is left out like in the request cache's key: the model name identifies the teacher,
+# so a server that moved to another port or host keeps its finished work)
+UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
+                       "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer"),
+           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints")}
+PATH_KEYS = {"student": ("from",), "reflect": ("prompts", "cache_dir", "tokenizer"),
+             "select": ("model", "proxy_model"), "train": ("model", "teacher")}
+CLASSES = {"reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
+
+
+@dataclass
+class Pipeline:
+    """A parsed pipeline.yaml. Stage sections hold the stage's own settings (CLI names with `_`)."""
+
+    path: str
+    name: str
+    data: str
+    runs_dir: str = "runs"
+    format: str | None = None
+    split: str | None = None
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # present stages only
+    lines: dict[str, int] = field(default_factory=dict)  # "section.key" -> line in the file
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def where(self, section: str, key: str | None = None) -> str:
+        line = self.lines.get(f"{section}.{key}" if key else section)
+        return f"{self.path}:{line}" if line else self.path
+
+
+# ----------------------------------------------------------------------------- reading the YAML
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """1-based line of each top-level key and of each key one level down."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            lines[str(k.value)] = k.start_mark.line + 1
+            if isinstance(v, yaml.MappingNode):
+                for k2, _ in v.value:
+                    lines[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+    return lines
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str, key: str) -> Any:
+    """`${NAME}` / `${NAME:-default}` in a string, from the environment; an unset NAME without a default is an error."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        got = os.environ.get(m.group(1))
+        if got is None or (got == "" and m.group(2) is not None):
+            if m.group(2) is None:
+                raise ReflectTuneError(f"{where}: key '{key}': the environment variable {m.group(1)} is not set "
+                                       f"(write ${{{m.group(1)}:-DEFAULT}} for a default)")
+            return m.group(2)
+        return got
+
+    out = _ENV.sub(sub, value)
+    if _ENV.fullmatch(value):  # a value that is just ${NAME} takes its YAML type: 128 -> int, empty -> null
+        try:
+            parsed = yaml.safe_load(out)
+        except yaml.YAMLError:
+            return out
+        return parsed if parsed is None or isinstance(parsed, (int, float, bool, str)) else out
+    return out
+
+
+def _check_type(value: Any, hint: str) -> str | None:
+    """None if `value` fits the dataclass field's type text, else what was wanted."""
+    if value is None:
+        return None if ("None" in hint or "Optional" in hint) else "a value"
+    base = hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
+    if base.startswith("tuple"):
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(base, True)
+    return None if ok else f"a {base}"
+
+
+def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
+    """Read and check a pipeline file; every problem is one line naming the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReflectTuneError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ReflectTuneError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise ReflectTuneError(f"{path}: expected a mapping with `name`, `data` and stage sections ({', '.join(STAGES)})")
+    lines = _line_map(text)
+    where = lambda key: f"{path}:{lines[key]}" if key in lines else str(path)  # noqa: E731
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            raw[key] = {k: _expand(v, where(f"{key}.{k}"), f"{key}.{k}") for k, v in value.items()}
+        else:
+            raw[key] = _expand(value, where(str(key)), str(key))
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ReflectTuneError(f"{where(str(key))}: key '{key}': unknown (known: {', '.join(TOP_KEYS)})")
+    for key in ("name", "data"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise ReflectTuneError(f"{where(key)}: key '{key}': required, a non-empty string")
+    name = raw["name"].strip()
+    if "/" in name or name in (".", ".."):
+        raise ReflectTuneError(f"{where('name')}: key 'name': a folder name, without '/'")
+    base = path.resolve().parent
+    pipe = Pipeline(path=str(path), name=name, data=str(base / raw["data"]), lines=lines,
+                    runs_dir=runs_dir or str(raw.get("runs_dir") or "runs"), format=raw.get("format"), split=raw.get("split"))
+    for stage in STAGES:
+        if stage not in raw:
+            continue
+        section = raw[stage] if raw[stage] is not None else {}
+        if not isinstance(section, dict):
+            raise ReflectTuneError(f"{where(stage)}: key '{stage}': expected a mapping of settings")
+        pipe.sections[stage] = _check_section(pipe, stage, {str(k).replace("-", "_"): v for k, v in section.items()}, base)
+    if not pipe.sections:
+        raise ReflectTuneError(f"{path}: no stage sections; add some of {', '.join(STAGES)}")
+    if "reflect" in pipe.sections and "train" in pipe.sections and "select" not in pipe.sections:
+        raise ReflectTuneError(f"{where('train')}: train reads pairs; after reflect it needs a select section to choose them")
+    return pipe
+
+
+def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Path) -> dict[str, Any]:
+    if stage == "student":
+        known = {"from": "str", "layers": "int", "trust_remote_code": "bool"}
+    else:
+        known = {f.name: str(f.type) for f in dataclasses.fields(CLASSES[stage]) if f.name not in OWNED[stage]}
+    for key, value in values.items():
+        if key not in known:
+            owned = key in OWNED.get(stage, ())
+            why = "set by the pipeline" if owned else f"unknown setting (known: {', '.join(sorted(known))})"
+            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': {why}")
+        want = _check_type(value, known[key])
+        if want:
+            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': expected {want}, got {value!r}")
+    if stage == "student":
+        for key in ("from", "layers"):
+            if key not in values:
+                raise ReflectTuneError(f"{pipe.where(stage)}: student: key '{key}': required")
+    if stage == "reflect" and not values.get("model"):
+        raise ReflectTuneError(f"{pipe.where(stage)}: reflect: key 'model': required (the teacher's model name)")
+    for key in PATH_KEYS[stage]:  # a relative path that exists next to the YAML file means that file
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            values[key] = str(base / value)
+    if isinstance(values.get("stages"), list):
+        values["stages"] = tuple(values["stages"])
+    return values
+
+
+# ----------------------------------------------------------------------------- stage configs and keys
+
+
+@dataclass
+class Stage:
+    name: str
+    key: str
+    folder: Path
+    config: Any  # ReflectConfig | SelectConfig | TrainConfig | dict (student)
+    upstream: dict[str, str]  # names and keys (or fingerprints) of what it reads
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "meta.json").is_file()
+
+
+def stage_key(stage: str, config: dict[str, Any], upstream: dict[str, Any]) -> str:
+    """First 12 hex of sha256 over the canonical JSON of {stage, redacted config, upstream}."""
+    blob = json.dumps({"stage": stage, "config": redact(config), "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _model_id(spec: str) -> Any:
+    """What identifies a model for a key: a folder's file listing, a file's hash, or the name."""
+    return fingerprint(spec) if Path(spec).exists() else spec
+
+
+def plan(pipe: Pipeline) -> list[Stage]:
+    """Each present stage with its config, key and folder; cheap (hashes the data file once)."""
+    stages: list[Stage] = []
+    data_id = {"data": fingerprint(pipe.data), "format": pipe.format, "split": pipe.split}
+    feed = ("data", data_id)  # what the next pair-reading stage reads: (label, identity)
+    student_dir = None
+    by_name: dict[str, Stage] = {}
+
+    def add(name: str, config: Any, keyed: dict[str, Any], upstream: dict[str, Any]) -> Stage:
+        key = stage_key(name, keyed, upstream)
+        st = Stage(name, key, pipe.folder / f"{name}-{key}", config, upstream)
+        stages.append(st)
+        by_name[name] = st
+        return st
+
+    if "student" in pipe.sections:
+        s = dict(pipe.sections["student"])
+        st = add("student", s, s, {"from": _model_id(s["from"])})
+        student_dir = str(st.folder)
+    if "reflect" in pipe.sections:
+        s = pipe.sections["reflect"]
+        folder_hint = pipe.folder / "reflect-KEY"
+        cfg = ReflectConfig(input=pipe.data, output=str(folder_hint / "reflected.jsonl"), format=pipe.format,
+                            split=pipe.split, **s)
+        keyed = {k: v for k, v in s.items() if k not in UNKEYED["reflect"]}
+        st = add("reflect", cfg, keyed, {"data": data_id})
+        cfg.output = str(st.folder / "reflected.jsonl")
+        cfg.cache_dir = cfg.cache_dir or str(st.folder / "cache")
+        feed = ("reflect", st.key)
+    model_note = {"model": by_name["student"].key} if student_dir else {}
+    if "select" in pipe.sections:
+        s = dict(pipe.sections["select"])
+        if not s.get("model") and student_dir:
+            s["model"] = student_dir  # the paper: the student itself scores the candidates
+        if not s.get("model") and s.get("method") != "superfilter":
+            raise ReflectTuneError(f"{pipe.where('select')}: select: key 'model': required without a student section")
+        cfg = SelectConfig(input=_feed_path(by_name, feed, pipe), output="", **s,
+                           **({"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}))
+        keyed = {k: v for k, v in s.items() if k not in UNKEYED["select"]}
+        if student_dir and s["model"] == student_dir:
+            keyed["model"] = "student"
+        keyed_model = model_note if keyed.get("model") == "student" else {"model": _model_id(s["model"])} if s.get("model") else {}
+        st = add("select", cfg, keyed, {feed[0]: feed[1], **keyed_model})
+        cfg.output = str(st.folder / "selected.jsonl")
+        feed = ("select", st.key)
+    if "train" in pipe.sections:
+        s = dict(pipe.sections["train"])
+        if not s.get("model") and student_dir:
+            s["model"] = student_dir
+        if not s.get("model"):
+            raise ReflectTuneError(f"{pipe.where('train')}: train: key 'model': required without a student section")
+        from reflect_tune.train import build_config
+
+        extra = {"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}
+        cfg = build_config({**s, **extra}, {"data": _feed_path(by_name, feed, pipe), "output": "pending", "resume": True})
+        keyed = {k: v for k, v in s.items() if k not in UNKEYED["train"]}
+        up: dict[str, Any] = {feed[0]: feed[1]}
+        if student_dir and s["model"] == student_dir:
+            keyed["model"] = "student"
+            up.update(model_note)
+        else:
+            up["model"] = _model_id(s["model"])
+        if s.get("teacher"):
+            up["teacher"] = _model_id(s["teacher"])
+        st = add("train", cfg, keyed, up)
+        cfg.output = str(st.folder)
+    return stages
+
+
+def _feed_path(by_name: dict[str, Stage], feed: tuple[str, Any], pipe: Pipeline) -> str:
+    if feed[0] == "data":
+        return pipe.data
+    st = by_name[feed[0]]
+    return str(st.folder / ("reflected.jsonl" if feed[0] == "reflect" else "selected.jsonl"))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_pipeline(path: str | Path, start: str | None = None, until: str | None = None,
+                 runs_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns run.json's content. Finished stages are skipped."""
+    pipe = load_pipeline(path, runs_dir)
+    stages = plan(pipe)
+    names = [s.name for s in stages]
+    for flag, value in (("--from", start), ("--until", until)):
+        if value is not None and value not in names:
+            raise ReflectTuneError(f"{flag} {value}: not a stage of {pipe.path} (its stages: {', '.join(names)})")
+    first = names.index(start) if start else 0
+    last = names.index(until) if until else len(names) - 1
+    if first > last:
+        raise ReflectTuneError(f"--from {start} comes after --until {until}")
+    for st in stages[:first]:
+        if not st.done:
+            raise ReflectTuneError(f"--from {start}: the earlier stage {st.name} is not finished ({st.folder}); "
+                                   f"run without --from first")
+    _check_before_running(stages[first : last + 1])
+
+    pipe.folder.mkdir(parents=True, exist_ok=True)
+    copy, text = pipe.folder / "pipeline.yaml", Path(pipe.path).read_text(encoding="utf-8")
+    if not copy.is_file() or copy.read_text(encoding="utf-8") != text:
+        atomic_write_text(copy, text)
+    record = _load_record(pipe, stages)
+    for i, st in enumerate(stages):
+        entry = record["stages"][i]
+        if i < first or i > last:  # outside --from/--until: left as it is
+            entry.update(status="done" if st.done else "pending", skipped=True)
+            continue
+        if st.done:
+            log.info("%s: finished earlier, skipped (%s)", st.name, st.folder)
+            entry.update(status="done", skipped=True)
+            _save_record(pipe, record)
+            continue
+        resuming = st.folder.is_dir() and any(st.folder.iterdir())
+        log.info("%s: %s (%s)", st.name, "resuming" if resuming else "running", st.folder)
+        entry.update(status="running", skipped=False, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), finished=None)
+        _save_record(pipe, record)
+        t0 = time.time()
+        try:
+            result = _run_stage(st, progress)
+        except BaseException as e:
+            entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            _save_record(pipe, record)
+            write_summary(pipe, stages)
+            raise
+        entry.update(status="done" if st.done else "pending", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     wall_s=round(time.time() - t0, 1), error=None)
+        _save_record(pipe, record)
+        if not st.done:  # a Batch API job submitted with no_wait: its results come on a later run
+            log.warning("%s: %s; run the pipeline again to collect", st.name, result.get("status", "not finished"))
+            break
+    write_summary(pipe, stages)
+    return record
+
+
+def _check_before_running(stages: list[Stage]) -> None:
+    """What can be checked before any work (or paid call): reflect's own checks and its API key."""
+    from reflect_tune.reflect import _api_key, _validate
+
+    for st in stages:
+        if st.name == "reflect" and not st.done:
+            st.folder.mkdir(parents=True, exist_ok=True)
+            _validate(st.config)
+            _api_key(st.config)
+
+
+def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:
+    """run.json's content for this plan; a stage with the same key keeps its times from an earlier run."""
+    earlier = {}
+    old = _read_json(pipe.folder / "run.json")
+    if isinstance(old, dict) and isinstance(old.get("stages"), list):
+        earlier = {(e.get("name"), e.get("key")): e for e in old["stages"] if isinstance(e, dict)}
+    rows = []
+    for s in stages:
+        before = earlier.get((s.name, s.key), {})
+        rows.append({"name": s.name, "key": s.key, "folder": s.folder.name, "status": "done" if s.done else "pending",
+                     "skipped": None, "started": before.get("started"), "finished": before.get("finished"),
+                     **({"wall_s": before["wall_s"]} if "wall_s" in before else {})})
+    return {"name": pipe.name, "pipeline": str(Path(pipe.path).resolve()), "stages": rows}
+
+
+def _save_record(pipe: Pipeline, record: dict[str, Any]) -> None:
+    atomic_write_text(pipe.folder / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
+    """Run one stage into its folder; for reflect and select, write the folder's meta.json last."""
+    if st.name == "student":
+        from reflect_tune.student import make_student
+
+        if st.folder.exists():  # an interrupted make-student leaves no meta.json: start it again
+            shutil.rmtree(st.folder)
+        c = st.config
+        return make_student(c["from"], c["layers"], str(st.folder), trust_remote_code=c.get("trust_remote_code", False))
+    if st.name == "train":
+        from reflect_tune.train import run_train
+
+        st.config.progress = progress
+        st.config.resume = st.folder.is_dir() and any(st.folder.iterdir())  # an interrupted run: continue it
+        return run_train(st.config)  # writes meta.json itself, last
+    st.folder.mkdir(parents=True, exist_ok=True)
+    st.config.progress = progress
+    if st.name == "reflect":
+        from reflect_tune.reflect import run_reflect
+
+        result = run_reflect(st.config)
+        if result.get("status") == "submitted":
+            return result
+        summary = result
+    else:
+        from reflect_tune.selection import run_select
+
+        summary = run_select(st.config).summary
+    meta = provenance(st.name, st.config, inputs=[st.config.input])
+    meta.update(key=st.key, upstream=st.upstream, summary=summary)
+    write_meta(st.folder, meta)
+    return summary
+
+
+# ----------------------------------------------------------------------------- summary.md
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def write_summary(pipe: Pipeline, stages: list[Stage]) -> Path:
+    """summary.md from what the stage folders hold (finished stages only)."""
+    out = [f"# reflect-tune run `{pipe.name}`", "",
+           f"Config: `pipeline.yaml` (copied from `{pipe.path}`). Data: `{pipe.data}`.", "",
+           "| stage | folder | status |", "| --- | --- | --- |"]
+    out += [f"| {s.name} | `{s.folder.name}/` | {'done' if s.done else 'not finished'} |" for s in stages]
+    for st in stages:
+        meta = _read_json(st.folder / "meta.json") if st.done else None
+        if meta is None:
+            continue
+        out += ["", *{"student": _student_md, "reflect": _reflect_md, "select": _select_md, "train": _train_md}[st.name](st, meta)]
+    path = pipe.folder / "summary.md"
+    atomic_write_text(path, "\n".join(out) + "\n")
+    return path
+
+
+def _student_md(st: Stage, meta: dict) -> list[str]:
+    return ["## Student (make-student)", "",
+            f"`{meta.get('teacher', st.config['from'])}` cut to {len(meta.get('kept_layers', []))} of "
+            f"{meta.get('teacher_layers')} layers (kept {meta.get('kept_layers')}): {meta.get('parameters', 0):,} parameters "
+            f"against the teacher's {meta.get('teacher_parameters', 0):,}."]
+
+
+def _reflect_md(st: Stage, meta: dict) -> list[str]:
+    s = meta["summary"]
+    cost = "unknown" if s.get("cost_usd") is None else f"${s['cost_usd']:.4f}"
+    lines = ["## Teacher usage (reflect)", "",
+             f"Teacher `{st.config.model}` at `{st.config.base_url or 'api.openai.com'}`, {s['records']} records.", "",
+             "| requests answered | from cache | sent | retries | prompt tokens | completion tokens | cost | wall |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {s['requests_answered']} | {s['requests_cached']} | {s['requests_sent']} | {s['retries']} | "
+             f"{s['prompt_tokens']} | {s['completion_tokens']} | {cost} ({s.get('price_source', '')}) | {s['wall_s']:.0f} s |",
+             "", "| variant | " + " | ".join(_statuses(s)) + " |", "| --- |" + " --- |" * len(_statuses(s))]
+    for variant, counts in s["variants"].items():
+        lines.append(f"| {variant} | " + " | ".join(str(counts.get(k, 0)) for k in _statuses(s)) + " |")
+    return lines
+
+
+def _statuses(s: dict) -> list[str]:
+    return sorted({k for counts in s["variants"].values() for k in counts}) or ["ok"]
+
+
+def _select_md(st: Stage, meta: dict) -> list[str]:
+    s = meta["summary"]
+    cut = s.get("ifd_cut") if s.get("ifd_cut") is not None else s.get("rifd_cut")
+    lines = ["## Selection", "",
+             f"Method `{s['method']}` with `{Path(str(s['model'])).name}` (template {s['template']}): {s['records']} records, "
+             f"{s['candidates']} candidates scored, **{s['selected']} selected** (last kept score {_fmt(cut)}).", "",
+             "| step | outcome | records |", "| --- | --- | --- |"]
+    phases = {"phase1": "1: instruction (original or reflected)", "phase2": "2: response (kept or reflected)"}
+    for k, v in s["decisions"].items():
+        step, _, outcome = k.partition("_")
+        if v and step in phases:
+            lines.append(f"| {phases[step]} | {outcome} | {v} |")
+    lines.append(f"| final | selected | {s['selected']} |")
+    lines += [f"| final | {k} | {v} |" for k, v in s["decisions"].items() if v and k.startswith("dropped")]
+    lines += ["", "Score distributions over the candidates that reached the filter:", "",
+              "| score | count | NaN | min | p50 | p95 | max |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("ifd", "rifd"):
+        d = s.get(name) or {}
+        lines.append(f"| {name} | {d.get('count', 0)} | {d.get('nan', 0)} | " + " | ".join(_fmt(d.get(q)) for q in ("min", "p50", "p95", "max")) + " |")
+    report = Path(st.config.output).with_suffix(".report")
+    for png in ("ifd_hist.png", "rifd_hist.png"):
+        if (report / png).is_file():
+            lines += ["", f"![{png}]({st.folder.name}/{report.name}/{png})"]
+    return lines
+
+
+def _train_md(st: Stage, meta: dict) -> list[str]:
+    r, c = meta.get("result", {}), meta.get("config", {})
+    kd = f", KD from `{c.get('teacher')}` ({c.get('kd_loss')}, ratio {c.get('kd_ratio')})" if c.get("teacher") else ""
+    lines = ["## Training", "",
+             f"`{c.get('method')}` on `{Path(str(c.get('model'))).name}`{kd}: {r.get('steps')} steps, "
+             f"{r.get('samples_seen')} samples, {r.get('tokens_seen')} target tokens, {r.get('wall_s')} s.", "",
+             f"Response-token cross-entropy on the first {r.get('eval_examples')} training examples: "
+             f"**{_fmt(r.get('loss_before'))} before → {_fmt(r.get('loss_after'))} after**. "
+             f"Last step's training loss: {_fmt(r.get('final_loss'))}."]
+    if (st.folder / "loss.png").is_file():
+        lines += ["", f"![loss]({st.folder.name}/loss.png)"]
+    return lines

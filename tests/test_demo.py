@@ -1,0 +1,177 @@
+"""The demo, shortened: examples/demo.sh with examples/pipeline.yaml against a real
+`transformers serve` on 127.0.0.1 (the bundled SmolLM2-135M-Instruct as teacher).
+
+One sequence, because each start of the server costs seconds on 2 cores:
+1. Ctrl-C (SIGINT to the script's process group) while reflect runs: exit 130, the server is
+   gone, run.json says `interrupted`;
+2. the rerun resumes and finishes: every artifact is checked;
+3. `reflect-tune run` again: every stage is skipped, no file changes, no server needed;
+4. a broken pipeline file: exit 2, and the server it started is stopped again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = {"DEMO_LIMIT": "6", "DEMO_MAX_TOKENS": "24"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def demo_env(runs: Path, port: int, **extra: str) -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **SHORT, "RUNS_DIR": str(runs), "TEACHER_PORT": str(port),
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def start_demo(env: dict, log: Path) -> subprocess.Popen:
+    fh = open(log, "wb")
+    return subprocess.Popen(["bash", str(ROOT / "examples" / "demo.sh")], stdout=fh, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"demo.sh ended early ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out:\n{log.read_text(errors='replace')[-4000:] if log else ''}")
+        time.sleep(0.5)
+
+
+def stage(record: dict, name: str) -> dict:
+    return next(s for s in record["stages"] if s["name"] == name)
+
+
+@pytest.mark.slow
+def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
+    runs, port = tmp_path / "runs", free_port()
+    folder = runs / "demo"
+    env = demo_env(runs, port)
+
+    # 1. Ctrl-C during reflect
+    log1 = tmp_path / "demo1.log"
+    proc = start_demo(env, log1)
+    try:
+        def reflecting() -> bool:
+            try:
+                return stage(json.loads((folder / "run.json").read_text()), "reflect")["status"] == "running"
+            except (OSError, ValueError, StopIteration):
+                return False
+        wait_for(reflecting, 600, proc, log1)
+        time.sleep(3)  # some requests in flight
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log1.read_text(errors="replace")
+    assert code == 130, text[-3000:]
+    assert "stopping the teacher server" in text
+    wait_for(lambda: not port_open(port), 30, log=log1)
+    record = json.loads((folder / "run.json").read_text())
+    assert stage(record, "student")["status"] == "done"
+    assert stage(record, "reflect")["status"] == "interrupted"
+
+    # 2. rerun: reflect resumes, then select and train
+    log2 = tmp_path / "demo2.log"
+    proc = start_demo(env, log2)
+    try:
+        code = proc.wait(1200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log2.read_text(errors="replace")
+    assert code == 0, text[-4000:]
+    assert not port_open(port)
+    assert f"run folder: {folder}" in text
+    assert "student: finished earlier, skipped" in text and "reflect: resuming" in text
+    record = json.loads((folder / "run.json").read_text())
+    assert [(s["name"], s["status"]) for s in record["stages"]] == [
+        ("student", "done"), ("reflect", "done"), ("select", "done"), ("train", "done")]
+    dirs = {s["name"]: folder / s["folder"] for s in record["stages"]}
+    check_artifacts(folder, dirs, bundled_dir)
+
+    # 3. a finished config: every stage skipped, nothing rewritten, no teacher needed
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name not in ("run.json", "summary.md")}
+    again = run_cli("run", str(ROOT / "examples" / "pipeline.yaml"), "--runs-dir", str(runs),
+                    env={**SHORT, "TEACHER_MODEL": str(bundled_dir), "TEACHER_URL": f"http://127.0.0.1:{port}/v1"})
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("(skipped: finished earlier)") == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # 4. a failure after the server started still stops it
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "data": str(ROOT / "examples" / "alpaca_small.jsonl"),
+                                   "select": {"model": "x", "topp": 0.1}}))
+    log3 = tmp_path / "demo3.log"
+    proc = start_demo({**env, "PIPELINE": str(bad)}, log3)
+    code = proc.wait(600)
+    text = log3.read_text(errors="replace")
+    assert code == 2 and "key 'topp': unknown" in text and "stopping the teacher server" in text, text[-3000:]
+    wait_for(lambda: not port_open(port), 30, log=log3)
+
+
+def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> None:
+    assert (folder / "pipeline.yaml").read_text() == (ROOT / "examples" / "pipeline.yaml").read_text()
+    # the student: 15 of the teacher's 30 layers, same tokenizer
+    student_cfg = json.loads((dirs["student"] / "config.json").read_text())
+    assert student_cfg["num_hidden_layers"] == 15
+    assert (dirs["student"] / "tokenizer.json").read_bytes() == (bundled_dir / "tokenizer.json").read_bytes()
+    assert json.loads((dirs["student"] / "meta.json").read_text())["kept_layers"] == list(range(0, 30, 2))
+    # reflect: 6 records, every variant accounted for, usage in the summary
+    rows = [json.loads(x) for x in (dirs["reflect"] / "reflected.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(set(r["variants"]) == {"ins", "res", "res_ins"} for r in rows)
+    assert all(v["status"] in ("ok", "parse_failed", "skipped") for r in rows for v in r["variants"].values())
+    reflect_meta = json.loads((dirs["reflect"] / "meta.json").read_text())
+    assert reflect_meta["summary"]["requests_answered"] >= 12 and reflect_meta["summary"]["completion_tokens"] > 0
+    # select: half of 6 by the paper's rule, scored by the student, with the report
+    select_meta = json.loads((dirs["select"] / "meta.json").read_text())
+    assert select_meta["summary"]["method"] == "srt" and select_meta["summary"]["model"] == str(dirs["student"])
+    selected = (dirs["select"] / "selected.jsonl").read_text().splitlines()
+    assert len(selected) == select_meta["summary"]["selected"] and 1 <= len(selected) <= 3
+    assert (dirs["select"] / "selected.scores.parquet").is_file()
+    for png in ("ifd_hist.png", "rifd_hist.png"):
+        assert (dirs["select"] / "selected.report" / png).read_bytes()[:4] == b"\x89PNG"
+    # train: KD from the teacher into the student, curves and loss before/after
+    train_meta = json.loads((dirs["train"] / "meta.json").read_text())
+    assert train_meta["config"]["teacher"] == "bundled:smollm2-135m-instruct"
+    assert train_meta["config"]["model"] == str(dirs["student"]) and train_meta["config"]["method"] == "full"
+    result = train_meta["result"]
+    assert result["steps"] >= 1 and result["loss_before"] > 0 and result["loss_after"] > 0
+    assert (dirs["train"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (dirs["train"] / "model.safetensors").is_file() and (dirs["train"] / "train_log.csv").is_file()
+    with open(dirs["train"] / "train_log.csv", newline="") as fh:
+        steps = list(csv.DictReader(fh))
+    assert len(steps) == result["steps"] and all(float(r["kd_loss"]) >= 0 for r in steps)  # the KD term was on
+    # summary.md: counts per decision, score distributions, loss before/after, teacher usage, plots
+    summary = (folder / "summary.md").read_text()
+    for text in ("## Teacher usage (reflect)", "| requests answered |", "## Selection", "| final | selected |",
+                 "| ifd |", "| rifd |", "selected.report/ifd_hist.png", "## Training", "before →",
+                 f"{dirs['train'].name}/loss.png", "## Student (make-student)"):
+        assert text in summary, text
