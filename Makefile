@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/bench_teacher.py
 	$(BIN)/python bench/bench_score.py
 	$(BIN)/python bench/bench_kd_loss.py
+	$(BIN)/python bench/bench_demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

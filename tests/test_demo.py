@@ -54,6 +54,15 @@ def start_demo(env: dict, log: Path) -> subprocess.Popen:
                             env=env, start_new_session=True)
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait for demo.sh; whatever happens, leave no process of its group behind."""
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -76,20 +85,21 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
 
     # 1. Ctrl-C during reflect
     log1 = tmp_path / "demo1.log"
+    def reflecting() -> bool:
+        try:
+            return stage(json.loads((folder / "run.json").read_text()), "reflect")["status"] == "running"
+        except (OSError, ValueError, StopIteration):
+            return False
+
     proc = start_demo(env, log1)
     try:
-        def reflecting() -> bool:
-            try:
-                return stage(json.loads((folder / "run.json").read_text()), "reflect")["status"] == "running"
-            except (OSError, ValueError, StopIteration):
-                return False
         wait_for(reflecting, 600, proc, log1)
         time.sleep(3)  # some requests in flight
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        code = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    code = finish(proc, 120)
     text = log1.read_text(errors="replace")
     assert code == 130, text[-3000:]
     assert "stopping the teacher server" in text
@@ -100,12 +110,7 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
 
     # 2. rerun: reflect resumes, then select and train
     log2 = tmp_path / "demo2.log"
-    proc = start_demo(env, log2)
-    try:
-        code = proc.wait(1200)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code = finish(start_demo(env, log2), 1200)
     text = log2.read_text(errors="replace")
     assert code == 0, text[-4000:]
     assert not port_open(port)
@@ -130,8 +135,7 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     bad.write_text(yaml.safe_dump({"name": "bad", "data": str(ROOT / "examples" / "alpaca_small.jsonl"),
                                    "select": {"model": "x", "topp": 0.1}}))
     log3 = tmp_path / "demo3.log"
-    proc = start_demo({**env, "PIPELINE": str(bad)}, log3)
-    code = proc.wait(600)
+    code = finish(start_demo({**env, "PIPELINE": str(bad)}, log3), 600)
     text = log3.read_text(errors="replace")
     assert code == 2 and "key 'topp': unknown" in text and "stopping the teacher server" in text, text[-3000:]
     wait_for(lambda: not port_open(port), 30, log=log3)
