@@ -54,8 +54,20 @@ stop_server() {
     fi
     SERVER_PID=""
 }
-trap stop_server EXIT
-trap 'stop_server; echo "demo: interrupted" >&2; exit 130' INT TERM
+# where the run goes (printed at the end, also after a failure or Ctrl-C)
+RUN_FOLDER="$(python -c 'import sys; from reflect_tune.pipeline import load_pipeline; print(load_pipeline(sys.argv[1], sys.argv[2]).folder)' "$PIPELINE" "$RUNS_DIR" 2>/dev/null || true)"
+on_exit() {
+    local code=$?
+    stop_server
+    if [[ -n "$RUN_FOLDER" && -d "$RUN_FOLDER" ]]; then
+        [[ -f "$SERVE_LOG" ]] && cp "$SERVE_LOG" "$RUN_FOLDER/serve.log"
+        echo
+        if [[ $code -eq 0 ]]; then echo "demo finished. Run folder: $RUN_FOLDER"; else echo "demo stopped (exit $code). Run folder: $RUN_FOLDER; make demo resumes it"; fi
+        echo "  summary.md: decisions, score distributions, loss before/after, teacher usage; serve.log: the teacher's log"
+    fi
+}
+trap on_exit EXIT
+trap 'echo "demo: interrupted" >&2; exit 130' INT TERM
 
 echo "== 2. transformers serve --continuous-batching on $TEACHER_URL (log: $SERVE_LOG)"
 # its own session, so the whole server process group can be stopped; a small paged KV cache
@@ -84,7 +96,3 @@ echo "   up"
 
 echo "== 3. reflect-tune run $PIPELINE"
 reflect-tune run "$PIPELINE" --runs-dir "$RUNS_DIR"
-stop_server
-cp "$SERVE_LOG" "$(python -c 'import sys; from reflect_tune.pipeline import load_pipeline; print(load_pipeline(sys.argv[1], sys.argv[2]).folder)' "$PIPELINE" "$RUNS_DIR")/serve.log" 2>/dev/null || true
-echo
-echo "Open the summary (counts per decision, score distributions, loss before/after, teacher usage) above."

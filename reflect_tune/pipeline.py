@@ -379,14 +379,20 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
 
 
 def _check_before_running(stages: list[Stage]) -> None:
-    """What can be checked before any work (or paid call): reflect's own checks and its API key."""
-    from reflect_tune.reflect import _api_key, _validate
+    """What can be checked before any work (or paid call): reflect's own checks and its API key,
+    select's options (train's were checked when its config was built)."""
+    from reflect_tune import reflect, selection
 
     for st in stages:
-        if st.name == "reflect" and not st.done:
+        if st.done:
+            continue
+        if st.name == "reflect":
             st.folder.mkdir(parents=True, exist_ok=True)
-            _validate(st.config)
-            _api_key(st.config)
+            reflect._validate(st.config)
+            reflect._api_key(st.config)
+        elif st.name == "select":
+            reflected = "reflect" in st.upstream or selection._is_reflected(st.config.input)
+            selection._validate(st.config, reflected)
 
 
 def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:

@@ -77,6 +77,22 @@ def test_bad_pipeline_through_the_cli_exits_2_before_any_work(tmp_path):
     assert run.returncode == 2 and "bad.yaml:3: not valid YAML" in run.stderr
 
 
+def test_stage_options_are_checked_before_the_first_stage_runs(tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", ROWS[:4])
+    config = base_config()
+    config["select"] = {"top": 2.0}
+    path = write_pipeline(tmp_path, config)
+    run = run_cli("run", str(path), "--runs-dir", str(tmp_path / "runs"), env={"OPENAI_API_KEY": ""})
+    assert run.returncode == 2 and "--top must be a fraction in (0, 1]" in run.stderr
+    assert not list((tmp_path / "runs" / "t").glob("student-*"))  # nothing was made
+    config = base_config()
+    del config["reflect"]["base_url"]  # OpenAI itself: a key is needed, and there is none
+    run = run_cli("run", str(write_pipeline(tmp_path, config)), "--runs-dir", str(tmp_path / "runs"),
+                  env={"OPENAI_API_KEY": ""})
+    assert run.returncode == 2 and "OPENAI_API_KEY is not set" in run.stderr
+    assert not list((tmp_path / "runs" / "t").glob("student-*"))
+
+
 def _line_of(path: Path, key: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(key + ":"))
 
