@@ -204,6 +204,9 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
         for key in ("from", "layers"):
             if key not in values:
                 raise ReflectTuneError(f"{pipe.where(stage)}: student: key '{key}': required")
+    if stage == "reflect" and values.get("dry_run"):
+        raise ReflectTuneError(f"{pipe.where(stage, 'dry_run')}: reflect: key 'dry_run': not in a pipeline (it writes no "
+                               "reflections); estimate with `reflect-tune reflect DATA -o X --model M --dry-run`")
     if stage == "reflect" and not values.get("model"):
         raise ReflectTuneError(f"{pipe.where(stage)}: reflect: key 'model': required (the teacher's model name)")
     for key in PATH_KEYS[stage]:  # a relative path that exists next to the YAML file means that file
@@ -262,12 +265,14 @@ def plan(pipe: Pipeline) -> list[Stage]:
         st = add("student", s, s, {"from": _model_id(s["from"])})
         student_dir = str(st.folder)
     if "reflect" in pipe.sections:
+        from reflect_tune.reflect import load_prompts
+
         s = pipe.sections["reflect"]
-        folder_hint = pipe.folder / "reflect-KEY"
-        cfg = ReflectConfig(input=pipe.data, output=str(folder_hint / "reflected.jsonl"), format=pipe.format,
-                            split=pipe.split, **s)
+        cfg = ReflectConfig(input=pipe.data, output="pending.jsonl", format=pipe.format, split=pipe.split, **s)
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["reflect"]}
-        st = add("reflect", cfg, keyed, {"data": data_id})
+        # the prompt texts themselves (built-in or a --prompts folder): an edited prompt is a new reflection
+        texts = json.dumps(load_prompts(cfg.prompts).texts, sort_keys=True)
+        st = add("reflect", cfg, keyed, {"data": data_id, "prompts": hashlib.sha256(texts.encode()).hexdigest()})
         cfg.output = str(st.folder / "reflected.jsonl")
         cfg.cache_dir = cfg.cache_dir or str(st.folder / "cache")
         feed = ("reflect", st.key)
@@ -281,10 +286,14 @@ def plan(pipe: Pipeline) -> list[Stage]:
         cfg = SelectConfig(input=_feed_path(by_name, feed, pipe), output="", **s,
                            **({"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}))
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["select"]}
-        if student_dir and s["model"] == student_dir:
+        up = {feed[0]: feed[1]}
+        if student_dir and s.get("model") == student_dir:
             keyed["model"] = "student"
-        keyed_model = model_note if keyed.get("model") == "student" else {"model": _model_id(s["model"])} if s.get("model") else {}
-        st = add("select", cfg, keyed, {feed[0]: feed[1], **keyed_model})
+            up.update(model_note)
+        for name in ("model", "proxy_model"):
+            if s.get(name) and keyed.get(name) != "student":
+                up[name] = _model_id(s[name])
+        st = add("select", cfg, keyed, up)
         cfg.output = str(st.folder / "selected.jsonl")
         feed = ("select", st.key)
     if "train" in pipe.sections:

@@ -49,6 +49,7 @@ def base_config(data: str = "data.jsonl") -> dict:
     (lambda c: c["train"].update(data="x.jsonl"), "train: key 'data': set by the pipeline"),
     (lambda c: c["reflect"].update(model="${NO_SUCH_VARIABLE_RT}"), "environment variable NO_SUCH_VARIABLE_RT is not set"),
     (lambda c: c.pop("select"), "after reflect it needs a select section"),
+    (lambda c: c["reflect"].update(dry_run=True), "reflect: key 'dry_run': not in a pipeline"),
     (lambda c: c["student"].pop("layers"), "student: key 'layers': required"),
     (lambda c: c.update(name="a/b"), "key 'name': a folder name"),
     (lambda c: c.pop("data"), "key 'data': required"),
@@ -145,6 +146,17 @@ def test_stage_keys_follow_their_inputs_and_settings(tmp_path):
     c["student"]["layers"] = 2  # a new student: it scores and is trained, reflection stays
     k = _keys(tmp_path, c)
     assert [n for n in k if k[n] != k0[n]] == ["student", "select", "train"]
+
+    import shutil
+    prompts = tmp_path / "my-prompts"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "reflect_tune" / "prompts", prompts)
+    c = base_config()
+    c["reflect"]["prompts"] = "my-prompts"  # relative to the pipeline file
+    k1 = _keys(tmp_path, c)
+    with open(prompts / "response.txt", "a") as fh:
+        fh.write("\nBe brief.\n")  # an edited prompt is a new reflection
+    k2 = _keys(tmp_path, c)
+    assert k1["reflect"] != k2["reflect"] and k1["student"] == k2["student"] == k0["student"]
 
     write_jsonl(tmp_path / "data.jsonl", ROWS[:5])  # new data: everything but the student
     k = _keys(tmp_path, base_config())
