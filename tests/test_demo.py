@@ -50,8 +50,11 @@ def demo_env(runs: Path, port: int, **extra: str) -> dict:
 
 def start_demo(env: dict, log: Path) -> subprocess.Popen:
     fh = open(log, "wb")
+    # SIGINT back to its default: a test run started in the background (`make test &`) inherits it
+    # ignored, and bash and Python keep an ignored SIGINT ignored, so Ctrl-C could not be tested
     return subprocess.Popen(["bash", str(ROOT / "examples" / "demo.sh")], stdout=fh, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
