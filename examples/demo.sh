@@ -58,6 +58,7 @@ stop_server() {
 RUN_FOLDER="$(python -c 'import sys; from reflect_tune.pipeline import load_pipeline; print(load_pipeline(sys.argv[1], sys.argv[2]).folder)' "$PIPELINE" "$RUNS_DIR" 2>/dev/null || true)"
 on_exit() {
     local code=$?
+    trap '' INT TERM  # a second Ctrl-C must not cut the server's shutdown short
     stop_server
     if [[ -n "$RUN_FOLDER" && -d "$RUN_FOLDER" ]]; then
         [[ -f "$SERVE_LOG" ]] && cp "$SERVE_LOG" "$RUN_FOLDER/serve.log"
@@ -67,7 +68,8 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
-trap 'echo "demo: interrupted" >&2; exit 130' INT TERM
+trap 'echo "demo: interrupted" >&2; exit 130' INT
+trap 'echo "demo: terminated" >&2; exit 143' TERM
 
 echo "== 2. transformers serve --continuous-batching on $TEACHER_URL (log: $SERVE_LOG)"
 # its own session, so the whole server process group can be stopped; a small paged KV cache

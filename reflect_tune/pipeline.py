@@ -13,7 +13,8 @@ Layout (docs/FORMATS.md §8.5):
 
 String values may name environment variables, `${NAME}` or `${NAME:-default}` (as in a compose
 file), so one file serves machines whose paths or servers differ; a value that is only `${NAME}`
-takes the variable's YAML type (`128` a number, empty a null). Relative paths inside the YAML (`data`, and any model, prompts or cache path that exists there)
+takes the type of the setting it fills (`128` a number for `max_tokens`, text for `name`), and an
+empty variable leaves the setting unset. Relative paths inside the YAML (`data`, and any model, prompts or cache path that exists there)
 are read relative to the YAML file's folder; `runs_dir` is relative to the current folder.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from contextlib import contextmanager
 import json
 import logging
 import os
@@ -53,7 +55,7 @@ OWNED = {"reflect": ("input", "output", "progress", "format", "split"),
 # so a server that moved to another port or host keeps its finished work)
 UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                        "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer"),
-           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints")}
+           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "eval_samples")}
 PATH_KEYS = {"student": ("from",), "reflect": ("prompts", "cache_dir", "tokenizer"),
              "select": ("model", "proxy_model"), "train": ("model", "teacher")}
 CLASSES = {"reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
@@ -96,7 +98,7 @@ def _line_map(text: str) -> dict[str, int]:
             lines[str(k.value)] = k.start_mark.line + 1
             if isinstance(v, yaml.MappingNode):
                 for k2, _ in v.value:
-                    lines[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+                    lines[f"{k.value}.{str(k2.value).replace('-', '_')}"] = k2.start_mark.line + 1
     return lines
 
 
@@ -118,13 +120,26 @@ def _expand(value: Any, where: str, key: str) -> Any:
         return got
 
     out = _ENV.sub(sub, value)
-    if _ENV.fullmatch(value):  # a value that is just ${NAME} takes its YAML type: 128 -> int, empty -> null
-        try:
-            parsed = yaml.safe_load(out)
-        except yaml.YAMLError:
-            return out
-        return parsed if parsed is None or isinstance(parsed, (int, float, bool, str)) else out
-    return out
+    return _EnvValue(out) if _ENV.fullmatch(value) else out
+
+
+class _EnvValue(str):
+    """A value that was only `${NAME}`: typed by the setting it fills (`_typed`), not by YAML rules."""
+
+
+def _typed(value: Any, hint: str) -> Any:
+    """An `_EnvValue` as the setting's type: int/float/bool parsed, empty as null, text kept as text."""
+    if not isinstance(value, _EnvValue):
+        return value
+    if value == "":
+        return None
+    base = hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
+    if base in ("int", "float", "bool"):
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if base == "float" and isinstance(parsed, int) and not isinstance(parsed, bool):
+            parsed = float(parsed)
+        return parsed if parsed is not None else value
+    return str(value)
 
 
 def _check_type(value: Any, hint: str) -> str | None:
@@ -164,6 +179,7 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     for key in raw:
         if key not in TOP_KEYS:
             raise ReflectTuneError(f"{where(str(key))}: key '{key}': unknown (known: {', '.join(TOP_KEYS)})")
+    raw = {k: (str(v) if isinstance(v, _EnvValue) and v != "" else None if isinstance(v, _EnvValue) else v) for k, v in raw.items()}
     for key in ("name", "data"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise ReflectTuneError(f"{where(key)}: key '{key}': required, a non-empty string")
@@ -171,7 +187,9 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     if "/" in name or name in (".", ".."):
         raise ReflectTuneError(f"{where('name')}: key 'name': a folder name, without '/'")
     base = path.resolve().parent
-    pipe = Pipeline(path=str(path), name=name, data=str(base / raw["data"]), lines=lines,
+    data = raw["data"]  # next to the YAML file if it is there; else as given (e.g. a hub dataset name)
+    data = data if Path(data).is_absolute() or not (base / data).exists() else str(base / data)
+    pipe = Pipeline(path=str(path), name=name, data=str(data), lines=lines,
                     runs_dir=runs_dir or str(raw.get("runs_dir") or "runs"), format=raw.get("format"), split=raw.get("split"))
     for stage in STAGES:
         if stage not in raw:
@@ -192,11 +210,12 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
         known = {"from": "str", "layers": "int", "trust_remote_code": "bool"}
     else:
         known = {f.name: str(f.type) for f in dataclasses.fields(CLASSES[stage]) if f.name not in OWNED[stage]}
-    for key, value in values.items():
+    for key, value in list(values.items()):
         if key not in known:
             owned = key in OWNED.get(stage, ())
             why = "set by the pipeline" if owned else f"unknown setting (known: {', '.join(sorted(known))})"
             raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': {why}")
+        value = values[key] = _typed(value, known[key])
         want = _check_type(value, known[key])
         if want:
             raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': expected {want}, got {value!r}")
@@ -240,15 +259,20 @@ def stage_key(stage: str, config: dict[str, Any], upstream: dict[str, Any]) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _content_id(path: str) -> dict[str, Any]:
+    """A file's or folder's fingerprint without its path, so a moved checkout keeps its keys."""
+    return {k: v for k, v in fingerprint(path).items() if k != "path"} if Path(path).exists() else {"name": path}
+
+
 def _model_id(spec: str) -> Any:
     """What identifies a model for a key: a folder's file listing, a file's hash, or the name."""
-    return fingerprint(spec) if Path(spec).exists() else spec
+    return _content_id(spec) if Path(spec).exists() else spec
 
 
 def plan(pipe: Pipeline) -> list[Stage]:
     """Each present stage with its config, key and folder; cheap (hashes the data file once)."""
     stages: list[Stage] = []
-    data_id = {"data": fingerprint(pipe.data), "format": pipe.format, "split": pipe.split}
+    data_id = {**_content_id(pipe.data), "format": pipe.format, "split": pipe.split}
     feed = ("data", data_id)  # what the next pair-reading stage reads: (label, identity)
     student_dir = None
     by_name: dict[str, Stage] = {}
@@ -274,12 +298,13 @@ def plan(pipe: Pipeline) -> list[Stage]:
         texts = json.dumps(load_prompts(cfg.prompts).texts, sort_keys=True)
         st = add("reflect", cfg, keyed, {"data": data_id, "prompts": hashlib.sha256(texts.encode()).hexdigest()})
         cfg.output = str(st.folder / "reflected.jsonl")
-        cfg.cache_dir = cfg.cache_dir or str(st.folder / "cache")
+        # one request cache for the run: a changed setting (limit, stages) re-sends only new requests
+        cfg.cache_dir = cfg.cache_dir or str(pipe.folder / "reflect-cache")
         feed = ("reflect", st.key)
     model_note = {"model": by_name["student"].key} if student_dir else {}
     if "select" in pipe.sections:
         s = dict(pipe.sections["select"])
-        if not s.get("model") and student_dir:
+        if not s.get("model") and student_dir and s.get("method") != "superfilter":
             s["model"] = student_dir  # the paper: the student itself scores the candidates
         if not s.get("model") and s.get("method") != "superfilter":
             raise ReflectTuneError(f"{pipe.where('select')}: select: key 'model': required without a student section")
@@ -305,7 +330,8 @@ def plan(pipe: Pipeline) -> list[Stage]:
         from reflect_tune.train import build_config
 
         extra = {"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}
-        cfg = build_config({**s, **extra}, {"data": _feed_path(by_name, feed, pipe), "output": "pending", "resume": True})
+        with _located(pipe, "train"):
+            cfg = build_config({**s, **extra}, {"data": _feed_path(by_name, feed, pipe), "output": "pending", "resume": True})
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["train"]}
         up: dict[str, Any] = {feed[0]: feed[1]}
         if student_dir and s["model"] == student_dir:
@@ -318,6 +344,19 @@ def plan(pipe: Pipeline) -> list[Stage]:
         st = add("train", cfg, keyed, up)
         cfg.output = str(st.folder)
     return stages
+
+
+@contextmanager
+def _located(pipe: Pipeline, stage: str):
+    """A stage's own check failing on a pipeline value: its message, prefixed with file:line."""
+    try:
+        yield
+    except ReflectTuneError as e:
+        text = str(e)
+        m = re.search(r"(?:setting '|--)([a-z_-]+)", text)
+        key = m.group(1).replace("-", "_") if m else None
+        where = pipe.where(stage, key) if key and f"{stage}.{key}" in pipe.lines else pipe.where(stage)
+        raise ReflectTuneError(f"{where}: {stage}: {text}") from None
 
 
 def _feed_path(by_name: dict[str, Stage], feed: tuple[str, Any], pipe: Pipeline) -> str:
@@ -347,7 +386,7 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
         if not st.done:
             raise ReflectTuneError(f"--from {start}: the earlier stage {st.name} is not finished ({st.folder}); "
                                    f"run without --from first")
-    _check_before_running(stages[first : last + 1])
+    _check_before_running(pipe, stages[first : last + 1])
 
     pipe.folder.mkdir(parents=True, exist_ok=True)
     copy, text = pipe.folder / "pipeline.yaml", Path(pipe.path).read_text(encoding="utf-8")
@@ -364,7 +403,8 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
             entry.update(status="done", skipped=True)
             _save_record(pipe, record)
             continue
-        resuming = st.folder.is_dir() and any(st.folder.iterdir())
+        # started before under the same key (run.json), or left files: this run continues that work
+        resuming = entry.get("started") is not None or (st.folder.is_dir() and any(st.folder.iterdir()))
         log.info("%s: %s (%s)", st.name, "resuming" if resuming else "running", st.folder)
         entry.update(status="running", skipped=False, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), finished=None)
         _save_record(pipe, record)
@@ -387,7 +427,7 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
     return record
 
 
-def _check_before_running(stages: list[Stage]) -> None:
+def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
     """What can be checked before any work (or paid call): reflect's own checks and its API key,
     select's options (train's were checked when its config was built)."""
     from reflect_tune import reflect, selection
@@ -397,11 +437,13 @@ def _check_before_running(stages: list[Stage]) -> None:
             continue
         if st.name == "reflect":
             st.folder.mkdir(parents=True, exist_ok=True)
-            reflect._validate(st.config)
+            with _located(pipe, "reflect"):
+                reflect._validate(st.config)
             reflect._api_key(st.config)
         elif st.name == "select":
             reflected = "reflect" in st.upstream or selection._is_reflected(st.config.input)
-            selection._validate(st.config, reflected)
+            with _located(pipe, "select"):
+                selection._validate(st.config, reflected)
 
 
 def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:
@@ -446,6 +488,10 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
         result = run_reflect(st.config)
         if result.get("status") == "submitted":
             return result
+        failed = sum(v.get("api_failed", 0) for v in result["variants"].values())
+        if failed:  # not cached, so a rerun retries them: the stage stays unfinished until they succeed
+            return {"status": f"{failed} requests failed after every retry (api_failed, see "
+                              f"{st.config.output}); the next run retries only those"}
         summary = result
     else:
         from reflect_tune.selection import run_select
@@ -502,7 +548,8 @@ def _reflect_md(st: Stage, meta: dict) -> list[str]:
     s = meta["summary"]
     cost = "unknown" if s.get("cost_usd") is None else f"${s['cost_usd']:.4f}"
     lines = ["## Teacher usage (reflect)", "",
-             f"Teacher `{st.config.model}` at `{st.config.base_url or 'api.openai.com'}`, {s['records']} records.", "",
+             f"Teacher `{meta['config'].get('model')}` at `{meta['config'].get('base_url') or 'api.openai.com'}`, "
+             f"{s['records']} records.", "",
              "| requests answered | from cache | sent | retries | prompt tokens | completion tokens | cost | wall |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| {s['requests_answered']} | {s['requests_cached']} | {s['requests_sent']} | {s['retries']} | "

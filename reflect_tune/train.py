@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 METHODS = ("lora", "qlora", "full")
 TEMPLATES = ("chat", "alpaca")
 # Changing these between a checkpoint and `--resume` is allowed; anything else must match.
-_RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge"}
+_RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge", "eval_samples"}
 LOG_FIELDS = ["step", "epoch", "tokens", "loss", "ce_loss", "kd_loss", "lr", "grad_norm", "tokens_per_s", "wall_s"]
 
 
@@ -676,7 +676,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
     if main:
         _append_log(log_path, [], keep_until=step)
-    if eval_path.is_file():  # measured before the first step of this run, which is being resumed
+    if resumed_from and eval_path.is_file():  # measured before the first step of the run being resumed
         loss_before = json.loads(eval_path.read_text())["loss"]
     else:
         loss_before = eval_loss(run) if step == 0 else None

@@ -113,6 +113,51 @@ def test_environment_values_take_their_yaml_type(tmp_path, monkeypatch):
     assert pipe.data == str(tmp_path / "data.jsonl")  # relative to the YAML file
 
 
+def test_environment_text_stays_text_and_checks_carry_file_and_line(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "data.jsonl", ROWS[:4])
+    config = base_config()
+    config["name"] = "${RT_TEST_NAME}"
+    config["data"] = "org/some-dataset"  # not next to the file: kept as given (a hub dataset name)
+    monkeypatch.setenv("RT_TEST_NAME", "20240501")
+    pipe = load_pipeline(write_pipeline(tmp_path, config))
+    assert pipe.name == "20240501" and pipe.data == "org/some-dataset"
+    monkeypatch.setenv("RT_TEST_NAME", "run #2")
+    assert load_pipeline(write_pipeline(tmp_path, config)).name == "run #2"
+
+    config = base_config()
+    config["train"]["kd-ratio"] = 2.0  # written with a dash: still found on its line
+    path = write_pipeline(tmp_path, config)
+    with pytest.raises(ReflectTuneError) as err:
+        plan(load_pipeline(path))
+    assert str(err.value).startswith(f"{path}:{_line_of(path, 'kd-ratio')}: train: setting 'kd_ratio': must be between 0 and 1")
+
+
+@pytest.mark.slow
+def test_failed_teacher_requests_leave_reflect_unfinished_until_a_rerun_succeeds(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "data.jsonl", [{"instruction": "Flaky FAULT:500:2", "input": "", "output": "B."},
+                                          {"instruction": "Fine.", "input": "", "output": "C."}])
+    config = {"name": "t", "data": "data.jsonl",
+              "reflect": {"model": "fake-model", "base_url": "${FAKE_URL}", "max_retries": 1, "backoff": 0.01,
+                          "stages": ["response"]}}
+    path = write_pipeline(tmp_path, config)
+    runs = tmp_path / "runs"
+    with FakeOpenAI() as srv:
+        first = run_pipeline_cli(path, runs, srv.base_url)
+        assert first.returncode == 0, first.stderr
+        assert "1 requests failed after every retry" in first.stderr
+        record = json.loads((runs / "t" / "run.json").read_text())
+        assert record["stages"][0]["status"] == "pending"
+        assert not (runs / "t" / record["stages"][0]["folder"] / "meta.json").exists()
+        calls = srv.stats()["chat_requests"]
+        second = run_pipeline_cli(path, runs, srv.base_url)  # the fault's third attempt succeeds
+        assert second.returncode == 0, second.stderr
+        assert srv.stats()["chat_requests"] == calls + 1  # only the failed request was sent again
+    record = json.loads((runs / "t" / "run.json").read_text())
+    assert record["stages"][0]["status"] == "done"
+    rows = [json.loads(x) for x in (runs / "t" / record["stages"][0]["folder"] / "reflected.jsonl").read_text().splitlines()]
+    assert [r["variants"]["res"]["status"] for r in rows] == ["ok", "ok"]
+
+
 # ----------------------------------------------------------------------------- keys
 
 
@@ -205,7 +250,7 @@ def test_whole_pipeline_then_rerun_skips_every_stage(small_run):
         assert (folder / "pipeline.yaml").read_text() == path.read_text()
         assert (dirs["student"] / "config.json").is_file()
         assert len((dirs["reflect"] / "reflected.jsonl").read_text().splitlines()) == 6
-        assert (dirs["reflect"] / "cache").is_dir()  # the request cache lives with the stage
+        assert (folder / "reflect-cache").is_dir()  # the request cache of the run
         assert len((dirs["select"] / "selected.jsonl").read_text().splitlines()) == 3
         for png in ("ifd_hist.png", "rifd_hist.png"):
             assert (dirs["select"] / "selected.report" / png).read_bytes()[:4] == b"\x89PNG"
