@@ -496,12 +496,12 @@ def run(
 
     [bold]Example[/bold]: reflect-tune run examples/pipeline.yaml --until select
     """
-    from reflect_tune.pipeline import load_pipeline, run_pipeline
+    from reflect_tune.pipeline import run_pipeline
 
     with user_errors():
         record = run_pipeline(pipeline, start=start.value if start else None, until=until.value if until else None,
                               runs_dir=str(runs_dir) if runs_dir else None, progress=not no_progress)
-        folder = load_pipeline(pipeline, str(runs_dir) if runs_dir else None).folder
+    folder = Path(record["folder"])
     for st in record["stages"]:
         note = "" if not st.get("skipped") else "(skipped: finished earlier)" if st["status"] == "done" else "(not run: outside --from/--until)"
         typer.echo(f"{st['name']:8} {st['status']:12} {note}".rstrip())

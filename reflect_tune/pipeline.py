@@ -39,7 +39,7 @@ from reflect_tune.artifacts import atomic_write_text, fingerprint, provenance, r
 from reflect_tune.errors import ReflectTuneError
 from reflect_tune.reflect import ReflectConfig
 from reflect_tune.selection import SelectConfig
-from reflect_tune.train import TrainConfig
+from reflect_tune.train import TrainConfig, fits_type, setting_type
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _typed(value: Any, hint: str) -> Any:
         return value
     if value == "":
         return None
-    base = hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
+    base = setting_type(hint)
     if base in ("int", "float", "bool"):
         parsed = yaml.safe_load(value) if value.strip() else None
         if base == "float" and isinstance(parsed, int) and not isinstance(parsed, bool):
@@ -146,13 +146,10 @@ def _check_type(value: Any, hint: str) -> str | None:
     """None if `value` fits the dataclass field's type text, else what was wanted."""
     if value is None:
         return None if ("None" in hint or "Optional" in hint) else "a value"
-    base = hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
+    base = setting_type(hint)
     if base.startswith("tuple"):
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
-    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(base, True)
-    return None if ok else f"a {base}"
+    return None if fits_type(value, base) else f"a {base}"
 
 
 def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
@@ -458,7 +455,7 @@ def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:
         rows.append({"name": s.name, "key": s.key, "folder": s.folder.name, "status": "done" if s.done else "pending",
                      "skipped": None, "started": before.get("started"), "finished": before.get("finished"),
                      **({"wall_s": before["wall_s"]} if "wall_s" in before else {})})
-    return {"name": pipe.name, "pipeline": str(Path(pipe.path).resolve()), "stages": rows}
+    return {"name": pipe.name, "pipeline": str(Path(pipe.path).resolve()), "folder": str(pipe.folder), "stages": rows}
 
 
 def _save_record(pipe: Pipeline, record: dict[str, Any]) -> None:

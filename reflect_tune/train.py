@@ -138,16 +138,25 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def setting_type(hint: str) -> str:
+    """A config dataclass field's type text without its optionality: 'Optional[int]' / 'int | None' -> 'int'."""
+    return hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
+
+
+def fits_type(value: Any, base: str) -> bool:
+    """Whether a YAML value suits a setting of type `base` (int, float, bool, str; others are not checked)."""
+    return {"int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(base, True)
+
+
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     """Defaults < YAML file < flags (an override of None means "not given"), then validated."""
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for name, value in values.items():
-        want = types[name].replace("Optional[", "").rstrip("]")
-        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-              "bool": isinstance(value, bool), "str": isinstance(value, str)}[want]
-        if not ok and not (value is None and types[name].startswith("Optional")):
+        want = setting_type(types[name])
+        if not fits_type(value, want) and not (value is None and types[name].startswith("Optional")):
             raise ReflectTuneError(f"setting '{name}': expected {want}, got {value!r}")
         if want == "float" and value is not None:
             values[name] = float(value)
