@@ -85,7 +85,8 @@ class Server:
 
 
 async def run_ours(base_url: str, n: int, concurrency: int, rpm: int | None, tag: str) -> float:
-    from reflect_tune.teacher import RequestCache, TeacherClient
+    from reflect_tune.cache import RequestCache
+    from reflect_tune.teacher import TeacherClient
 
     with tempfile.TemporaryDirectory(prefix="reflect-tune-bench-teacher-") as tmp:
         cache = RequestCache(Path(tmp))

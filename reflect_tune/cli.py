@@ -6,6 +6,7 @@ Errors a user can cause (`ReflectTuneError`) print one line, `error: ...`, and e
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -15,7 +16,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from reflect_tune import __version__
-from reflect_tune.errors import ReflectTuneError
+from reflect_tune.errors import ReflectTuneError, one_line
 
 app = typer.Typer(
     name="reflect-tune",
@@ -43,15 +44,25 @@ class OutFormat(str, Enum):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a user's mistake into one line on stderr and exit code 2; no traceback."""
+    """Turn a user's mistake, or a failed write (disk full, read-only folder), into one line on
+    stderr and a non-zero exit; no traceback. Secrets are scrubbed from the line."""
+    import sqlite3
+
     try:
         yield
     except ReflectTuneError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {one_line(str(e))}", err=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as e:  # the system refused: no space, read-only, permission, I/O
+        where = e.filename or "a file"
+        typer.echo(f"error: {one_line(f'{where}: {e.strerror or e}')}", err=True)
+        raise typer.Exit(1) from None
+    except sqlite3.OperationalError as e:  # the request cache: a full or read-only disk
+        typer.echo(f"error: the request cache: {one_line(str(e))}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -72,16 +83,26 @@ def main(
     keeps the best), [cyan]train[/cyan] (instruction tuning, optional logit distillation).
     Data tools: [cyan]inspect[/cyan], [cyan]convert[/cyan].
     """
-    import logging
-
     # Our own progress notes (e.g. a one-time model conversion) go to stderr, never stdout,
     # so `--json` output stays machine-readable.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("reflect_tune")
     if not logger.handlers:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever sys.stderr is at the time (a test runner swaps it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _warn(lines: list[str]) -> None:
@@ -123,7 +144,8 @@ def _print_inspect(info: dict) -> None:
     console = Console()
     console.print(
         f"[bold]{info['file']}[/bold]: format [cyan]{info['format']}[/cyan] in {info['container']}, "
-        f"{info['records']} records ({info['with_input']} with input, {info['with_system']} with a system prompt)",
+        f"{info['records']} records ({info['with_input']} with input, {info['with_system']} with a system prompt"
+        + (f", {info['multi_turn']} with more than one exchange" if info["multi_turn"] else "") + ")",
         soft_wrap=True,
     )
     console.print(
@@ -153,16 +175,21 @@ def convert(
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
     drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop records with an empty instruction or output (counted).")] = False,
+    first_turn: Annotated[bool, typer.Option("--first-turn", help="Write only the first exchange of a multi-turn conversation when the output shape (alpaca) holds one.")] = False,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
 ) -> None:
     """Convert instruction data between shapes and containers; every record keeps a stable id.
 
+    Multi-turn conversations keep every turn as messages or sharegpt. Replacing the input itself
+    (`convert X X`) is refused when the new shape would lose anything.
+
     [bold]Example[/bold]: reflect-tune convert data/alpaca.json data/train.parquet --to messages
     """
-    from reflect_tune.artifacts import provenance, write_meta
-    from reflect_tune.data import load_records, write_records
+    from reflect_tune.artifacts import check_output_file, provenance, same_path, write_meta
+    from reflect_tune.data import conversion_loss, load_records, write_records
 
     with user_errors():
+        check_output_file(dst, flag="the output")
         records, report = load_records(
             src,
             format=format.value if format else None,
@@ -170,13 +197,21 @@ def convert(
             on_empty="drop" if drop_empty else "keep",
             split=split,
         )
-        _warn(report.warnings())
+        _warn(report.warnings(multi_turn=False))
+        if Path(src).exists() and dst.exists() and same_path(src, dst):
+            loss = conversion_loss(records, report, to.value)
+            if loss:
+                raise ReflectTuneError(f"{dst}: convert would replace its own input and lose information ({loss}); "
+                                       "write to another file")
+        elif report.extra_fields:
+            _warn([f"{src}: the field(s) {', '.join(report.extra_fields[:5])} are not written (convert keeps id, "
+                   "system, instruction, input, output and conversation turns)"])
         config = {"src": src, "dst": str(dst), "to": to.value, "format": report.format, "dedupe": dedupe,
-                  "drop_empty": drop_empty, "split": split}
+                  "drop_empty": drop_empty, "first_turn": first_turn, "split": split}
         # fingerprint the input before writing: the output may replace it
         meta = provenance("convert", config, inputs=[src] if Path(src).exists() else [])
         meta["report"] = report.__dict__
-        write_records(records, dst, to=to.value)
+        write_records(records, dst, to=to.value, first_turn=first_turn)
         write_meta(dst, meta)
     typer.echo(f"wrote {len(records)} records ({report.format} -> {to.value}) to {dst}")
 
@@ -213,6 +248,8 @@ def reflect(
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="For --dry-run on a non-OpenAI model: a model spec whose tokenizer counts tokens.")] = None,
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
+    dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """A teacher LLM rewrites each pair: instruction reflection (x_ins, y_ins), response reflection (y_res), and
     response reflection of the new pair (y_res_ins). Cached per request; a rerun resumes.
@@ -230,7 +267,7 @@ def reflect(
             cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries, backoff=backoff,
             retry_failed=retry_failed, reask=not no_reask,
             price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
-            split=split,
+            split=split, dedupe=dedupe, progress=not no_progress,
         )
         run_reflect(config)
 

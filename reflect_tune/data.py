@@ -6,6 +6,10 @@ Shapes (detected from the first record; `format=` overrides):
     sharegpt  {"conversations": [{"from", "value"}, ...]}   first human -> gpt pair
     messages  {"messages": [{"role", "content"}, ...]}      first user -> assistant pair
 
+A conversation with more than that one exchange keeps every turn in `Record.turns`: `convert` to
+messages or sharegpt writes them all, and a shape that cannot hold them (alpaca) is refused unless
+the caller asks for the first exchange only. The stages work on the first exchange and say so.
+
 Containers: `.json` (a list, one record, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
 `datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
 
@@ -23,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from reflect_tune.artifacts import atomic_path
-from reflect_tune.errors import DataError
+from reflect_tune.artifacts import atomic_path, special_kind
+from reflect_tune.errors import DataError, clip
 
 FORMATS = ("alpaca", "wizardlm", "sharegpt", "messages")
 WRITE_FORMATS = ("alpaca", "sharegpt", "messages")
@@ -45,13 +49,20 @@ _MESSAGE_ROLES = {name: name for name in ("user", "assistant", "system", "develo
 
 @dataclass
 class Record:
-    """One instruction pair, the unit every stage works on."""
+    """One instruction pair, the unit every stage works on.
+
+    `turns` holds the whole conversation ({"role", "content", ...} per turn, as read) when the
+    source record had more than this one exchange, else None. `where` is `FILE:LINE` (or
+    `FILE:row N`) of the source record, for messages.
+    """
 
     id: str
     instruction: str
     input: str = ""
     output: str = ""
     system: str = ""
+    turns: list[dict[str, Any]] | None = None
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def instruction_text(self) -> str:
@@ -77,12 +88,21 @@ class LoadReport:
     duplicates_dropped: int = 0
     with_input: int = 0
     with_system: int = 0
+    multi_turn: int = 0  # records with more than one exchange (all turns kept in Record.turns)
     empty_locations: list[str] = field(default_factory=list)  # the first few, for messages
     duplicate_locations: list[str] = field(default_factory=list)
+    multi_turn_locations: list[str] = field(default_factory=list)
+    extra_fields: list[str] = field(default_factory=list)  # source fields no Record holds (e.g. "category")
 
-    def warnings(self) -> list[str]:
-        """Human-readable lines about what was found empty or duplicated."""
+    def warnings(self, multi_turn: bool = True) -> list[str]:
+        """Human-readable lines about what was found empty, duplicated or (for the stages) multi-turn."""
         out = []
+        if multi_turn and self.multi_turn:
+            out.append(
+                f"{self.path}: {self.multi_turn} record(s) hold more than one exchange (first at "
+                f"{', '.join(self.multi_turn_locations)}); this stage uses the first user -> assistant "
+                "pair of each and ignores the later turns"
+            )
         if self.empty_instruction or self.empty_output:
             what = "dropped" if self.empty_dropped else "kept"
             out.append(
@@ -108,7 +128,25 @@ def content_id(system: str, instruction: str, input: str, output: str) -> str:
 # ----------------------------------------------------------------------------- reading rows
 
 
+class _LongInt(str):
+    """A JSON integer literal too long for Python's int parser (over 4,300 digits), kept as its digits."""
+
+
+def _parse_int(digits: str) -> int | str:
+    return int(digits) if len(digits) <= 4000 else _LongInt(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
+def loads(text: str) -> Any:
+    """`json.loads` that never fails on a huge integer literal (anywhere in a record, even an ignored field)."""
+    return _DECODER.decode(text)
+
+
 def _kind(value: Any) -> str:
+    if isinstance(value, _LongInt):
+        return "int"
     return "null" if value is None else type(value).__name__
 
 
@@ -139,7 +177,7 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError as e:
             raise _json_error(path, n, e) from None
         except RecursionError:
@@ -149,7 +187,7 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Walk a JSON list element by element, so each record knows the line it starts on."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     counted = [0, 1]  # (position, line there): lines are counted forward once, not from 0 each time
 
     def line_of(pos: int) -> int:
@@ -197,7 +235,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 def _json_object_file(path: Path, text: str) -> tuple[str, Iterator[tuple[str, Any]]]:
     """A `.json` that starts with `{`: usually JSON Lines under the wrong name, else one object."""
     try:
-        whole = json.loads(text)
+        whole = loads(text)
     except (json.JSONDecodeError, RecursionError):
         return "jsonl", _iter_jsonl(path, text)
     if detect_format(whole) is None:
@@ -288,6 +326,11 @@ def _load_datasets_object(path: str, split: str | None, from_disk: bool):
 def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, Iterator[tuple[str, Any]]]:
     """Open any supported container. Returns (container, iterator of (location, raw row))."""
     p = Path(path)
+    kind = special_kind(p)
+    if kind:  # never opened: reading a FIFO would block, /dev/zero would never end
+        raise DataError(f"{p}: {kind}, not a data file")
+    if p.is_symlink() and not p.exists():
+        raise DataError(f"{p}: a symlink to {os.readlink(p)}, which does not exist")
     if p.is_dir():
         if _is_saved_dataset(p):
             ds = _load_datasets_object(str(p), split, from_disk=True)
@@ -317,6 +360,26 @@ def iter_raw(path: str | os.PathLike, split: str | None = None) -> tuple[str, It
     return "hub", _iter_table_rows(iter(ds))
 
 
+def check_source(path: str | os.PathLike, *, format: str | None = None, split: str | None = None) -> None:
+    """Cheap checks a stage would meet only when it runs: the format name, a local file that exists,
+    is readable in a supported container, and whose first record fits the shape. Hub names are not
+    fetched here."""
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    p = Path(path)
+    looks_like_path = str(path).startswith((".", "/", "~")) or p.suffix.lower() in (*CONTAINERS, ".gz")
+    if not (p.exists() or p.is_symlink() or special_kind(p) or looks_like_path):
+        return  # a hub dataset name: checked when it is loaded
+    _, rows = iter_raw(path, split=split)
+    for loc, row in rows:
+        fmt = format or detect_format(row)
+        if fmt is None:
+            raise DataError(f"{path}:{loc}: unknown record shape; expected alpaca, wizardlm, sharegpt or messages")
+        normalize(row, fmt, f"{path}:{loc}")
+        return
+    raise DataError(f"{path}: no records")
+
+
 # ----------------------------------------------------------------------------- normalizing
 
 
@@ -342,7 +405,7 @@ def _string(row: dict, key: str, where: str, *, optional: bool = False, label: s
     value = row[key]
     if value is None and optional:
         return ""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or isinstance(value, _LongInt):
         raise DataError(f"{where}: field '{label}': expected a string, got {_kind(value)}")
     try:
         value.encode("utf-8")
@@ -365,18 +428,22 @@ def _message_text(content: Any, where: str, label: str) -> str:
     return _string({"content": content}, "content", where, label=label)
 
 
-def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str], where: str) -> tuple[str, str, str]:
-    """(system, user, assistant) from the first user turn answered by an assistant turn.
+def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
+                where: str) -> tuple[str, str, str, list[dict[str, Any]] | None]:
+    """(system, user, assistant, turns) from the first user turn answered by an assistant turn.
 
-    Turns are read only up to that pair, so what follows it (tool calls, images, speakers we do
-    not know) is not checked. System turns before the pair are joined. An assistant turn with
-    null content (a tool call) answers nothing.
+    Turns up to that pair are checked strictly; system turns before it are joined. An assistant
+    turn with null content (a tool call) answers nothing. `turns` is the whole conversation, each
+    turn as {"role", "content", ...its other keys}, when any turn lies outside the pair and its
+    system turns (a later exchange, a greeting, tool calls); else None. Later turns are kept as
+    they are, unchecked.
     """
     turns = row[key]
     if not isinstance(turns, list):
         raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
     system_parts: list[str] = []
-    user: str | None = None
+    used: list[int] = []
+    user: tuple[int, str] | None = None
     for j, turn in enumerate(turns):
         label = f"{key}[{j}]"
         if not isinstance(turn, dict):
@@ -384,7 +451,7 @@ def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
         speaker = _string(turn, who, where, label=f"{label}.{who}")
         role = roles.get(speaker.lower())
         if role is None:
-            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {speaker!r}")
+            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {clip(speaker)}")
         if what not in turn:
             raise DataError(f"{where}: field '{label}.{what}': missing")
         if role == "assistant" and turn[what] is None:
@@ -392,11 +459,33 @@ def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
             continue
         text = _message_text(turn[what], where, f"{label}.{what}")
         if role == "assistant" and user is not None:
-            return "\n\n".join(system_parts), user, text
+            used += [user[0], j]
+            whole = _conversation(turns, who, what, roles) if len(used) < len(turns) else None
+            return "\n\n".join(system_parts), user[1], text, whole
         if role in ("system", "developer"):
             system_parts.append(text)
-        user = text if role == "user" else None
+            used.append(j)
+        user = (j, text) if role == "user" else None
     raise DataError(f"{where}: field '{key}': no user turn followed by an assistant turn")
+
+
+def _conversation(turns: list, who: str, what: str, roles: dict[str, str]) -> list[dict[str, Any]]:
+    """Every turn as {"role", "content", ...other keys}; speakers mapped to chat roles where known."""
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            out.append({"role": None, "content": turn})
+            continue
+        speaker = turn.get(who)
+        role = roles.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+        rest = {k: v for k, v in turn.items() if k not in (who, what)}
+        out.append({"role": role, "content": turn.get(what), **rest})
+    return out
+
+
+_RECORD_FIELDS = {"alpaca": {"id", "instruction", "input", "output", "system"},
+                  "wizardlm": {"id", "instruction", "input", "output", "system"},
+                  "sharegpt": {"id", "conversations", "system"}, "messages": {"id", "messages", "system"}}
 
 
 def normalize(row: Any, fmt: str, where: str) -> Record:
@@ -416,7 +505,7 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
         )
         if key not in row:
             raise DataError(f"{where}: field '{key}': missing")
-        system, instruction, output = _first_pair(row, key, who, what, roles, where)
+        system, instruction, output, turns = _first_pair(row, key, who, what, roles, where)
         system = system or _string(row, "system", where, optional=True)  # a top-level system prompt
         inp = ""
     else:
@@ -425,10 +514,11 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
     if rid is None or rid == "":
         rid = content_id(system, instruction, inp, output)
     elif isinstance(rid, (int, str)) and not isinstance(rid, bool):
-        rid = _string({"id": str(rid)}, "id", where)
+        rid = _string({"id": f"{rid}"}, "id", where)
     else:
-        raise DataError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
-    return Record(id=rid, instruction=instruction, input=inp, output=output, system=system)
+        raise DataError(f"{where}: field 'id': expected a string or integer, got {_kind(rid)}")
+    return Record(id=rid, instruction=instruction, input=inp, output=output, system=system,
+                  turns=turns if fmt in ("sharegpt", "messages") else None, where=where)
 
 
 def load_records(
@@ -470,6 +560,14 @@ def load_records(
         report.records += 1
         report.with_input += bool(rec.input)
         report.with_system += bool(rec.system)
+        if rec.turns is not None:
+            report.multi_turn += 1
+            if len(report.multi_turn_locations) < 5:
+                report.multi_turn_locations.append(loc)
+        if len(report.extra_fields) < 20:
+            for k in row:
+                if k not in _RECORD_FIELDS[fmt] and k not in report.extra_fields:
+                    report.extra_fields.append(str(k))
         empty = [name for name in ("instruction", "output") if not getattr(rec, name).strip()]
         if empty:
             report.empty_instruction += "instruction" in empty
@@ -487,8 +585,8 @@ def load_records(
                 report.duplicate_locations.append(loc)
             if on_duplicate == "error":
                 raise DataError(
-                    f"{where}: field 'id': duplicate id {rec.id!r} (first at {seen[rec.id]}); "
-                    "pass --dedupe to keep only the first"
+                    f"{where}: field 'id': duplicate id {clip(rec.id)} (first at {seen[rec.id]}); "
+                    "pass --dedupe (`dedupe: true` in a pipeline's reflect section) to keep only the first"
                 )
             if on_duplicate == "drop":
                 report.duplicates_dropped += 1
@@ -511,9 +609,28 @@ def load_records(
 # ----------------------------------------------------------------------------- writing
 
 
-def record_to_row(rec: Record, to: str = "alpaca", *, with_system: bool | None = None) -> dict[str, Any]:
-    """A Record in one of the writable shapes. Every shape keeps the id."""
+_SHAREGPT_SPEAKER = {"user": "human", "assistant": "gpt", "system": "system", "tool": "tool"}
+
+
+def record_to_row(rec: Record, to: str = "alpaca", *, with_system: bool | None = None,
+                  first_turn: bool = False) -> dict[str, Any]:
+    """A Record in one of the writable shapes. Every shape keeps the id; messages and sharegpt keep
+    every turn of a multi-turn record, and alpaca refuses one unless `first_turn` says to keep only
+    its first exchange."""
     with_system = bool(rec.system) if with_system is None else with_system
+    if rec.turns is not None and to in ("sharegpt", "messages"):
+        turns = rec.turns
+        if rec.system and not any(t.get("role") in ("system", "developer") for t in turns):
+            turns = [{"role": "system", "content": rec.system}, *turns]  # a top-level system prompt
+        if to == "messages":
+            return {"id": rec.id, "messages": [dict(t) for t in turns]}
+        return {"id": rec.id, "conversations": [
+            {"from": _SHAREGPT_SPEAKER.get(t.get("role"), t.get("role")), "value": t.get("content"),
+             **{k: v for k, v in t.items() if k not in ("role", "content")}} for t in turns]}
+    if rec.turns is not None and not first_turn:
+        raise DataError(f"{rec.where or rec.id}: a conversation of {len(rec.turns)} turns cannot be written as {to}, "
+                        "which holds one exchange; write messages or sharegpt, or pass --first-turn to keep "
+                        "only the first exchange")
     if to == "alpaca":
         row: dict[str, Any] = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "output": rec.output}
         if with_system:
@@ -559,10 +676,31 @@ def _write_rows(rows: list[dict[str, Any]], path: Path, suffix: str) -> None:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_records(records: list[Record], path: str | os.PathLike, *, to: str = "alpaca") -> Path:
+def write_records(records: list[Record], path: str | os.PathLike, *, to: str = "alpaca",
+                  first_turn: bool = False) -> Path:
     """Write records in shape `to`. A system column is written for all rows if any has one."""
     any_system = any(r.system for r in records)
-    return write_rows([record_to_row(r, to, with_system=any_system) for r in records], path)
+    return write_rows([record_to_row(r, to, with_system=any_system, first_turn=first_turn) for r in records], path)
+
+
+def conversion_loss(records: list[Record], report: LoadReport, to: str) -> str | None:
+    """What writing `records` as `to` would lose, in one line, or None when the output holds it all.
+
+    Used before `convert` replaces its own input: every record is written in memory, read back and
+    compared field by field, and fields of the source that no Record holds count as lost.
+    """
+    if report.extra_fields:
+        return f"the field(s) {', '.join(report.extra_fields[:5])} of {report.path} are not written by convert"
+    any_system = any(r.system for r in records)
+    for rec in records:
+        if rec.turns is not None and to not in ("sharegpt", "messages"):
+            return f"{rec.where}: a conversation of {len(rec.turns)} turns, of which {to} holds only the first exchange"
+        row = record_to_row(rec, to, with_system=any_system)
+        back = normalize(loads(json.dumps(row, ensure_ascii=False)), to, rec.where)
+        for name in ("id", "system", "instruction", "input", "output", "turns"):
+            if getattr(back, name) != getattr(rec, name):
+                return f"{rec.where}: field '{name}' does not survive as {to}"
+    return None
 
 
 # ----------------------------------------------------------------------------- inspecting
@@ -611,6 +749,7 @@ def inspect_records(
         "records": report.records,
         "with_input": report.with_input,
         "with_system": report.with_system,
+        "multi_turn": report.multi_turn,
         "empty_instruction": report.empty_instruction,
         "empty_output": report.empty_output,
         "duplicate_ids": report.duplicate_ids,

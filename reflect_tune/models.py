@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from reflect_tune.artifacts import special_kind
 from reflect_tune.errors import ModelError
 
 try:
@@ -252,6 +253,9 @@ def resolve_model(spec: str) -> ResolvedModel:
         folder = _cached_conversion(gguf, _gguf_cache_key(gguf))  # the same cache as its path
         return ResolvedModel(spec, "bundled", str(folder), source=str(gguf))
     path = Path(spec).expanduser()
+    kind = special_kind(path)
+    if kind:  # never opened: a FIFO would block
+        raise ModelError(f"{spec}: {kind}, not a model file or folder")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{spec}: a file, but not a .gguf; give an HF model folder, a .gguf file or a hub id")

@@ -35,8 +35,10 @@ from typing import Any
 
 import yaml
 
-from reflect_tune.artifacts import atomic_write_text, fingerprint, provenance, redact, write_meta
-from reflect_tune.errors import ReflectTuneError
+from reflect_tune.artifacts import atomic_write_text, exclusive, fingerprint, provenance, redact, write_meta
+from reflect_tune.config import load_yaml, read_config_text
+from reflect_tune.data import FORMATS
+from reflect_tune.errors import SECRET_NAME, ReflectTuneError, clip, one_line, register_secret
 from reflect_tune.reflect import ReflectConfig
 from reflect_tune.selection import SelectConfig
 from reflect_tune.train import TrainConfig, fits_type, setting_type
@@ -86,22 +88,6 @@ class Pipeline:
 # ----------------------------------------------------------------------------- reading the YAML
 
 
-def _line_map(text: str) -> dict[str, int]:
-    """1-based line of each top-level key and of each key one level down."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    lines: dict[str, int] = {}
-    if isinstance(root, yaml.MappingNode):
-        for k, v in root.value:
-            lines[str(k.value)] = k.start_mark.line + 1
-            if isinstance(v, yaml.MappingNode):
-                for k2, _ in v.value:
-                    lines[f"{k.value}.{str(k2.value).replace('-', '_')}"] = k2.start_mark.line + 1
-    return lines
-
-
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -117,6 +103,8 @@ def _expand(value: Any, where: str, key: str) -> Any:
                 raise ReflectTuneError(f"{where}: key '{key}': the environment variable {m.group(1)} is not set "
                                        f"(write ${{{m.group(1)}:-DEFAULT}} for a default)")
             return m.group(2)
+        if SECRET_NAME.search(m.group(1)):  # its value never appears in a message or a written file
+            register_secret(got)
         return got
 
     out = _ENV.sub(sub, value)
@@ -135,7 +123,10 @@ def _typed(value: Any, hint: str) -> Any:
         return None
     base = setting_type(hint)
     if base in ("int", "float", "bool"):
-        parsed = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except (yaml.YAMLError, ValueError):  # not a number (or one too long to parse): the type check says so
+            parsed = None
         if base == "float" and isinstance(parsed, int) and not isinstance(parsed, bool):
             parsed = float(parsed)
         return parsed if parsed is not None else value
@@ -146,6 +137,8 @@ def _check_type(value: Any, hint: str) -> str | None:
     """None if `value` fits the dataclass field's type text, else what was wanted."""
     if value is None:
         return None if ("None" in hint or "Optional" in hint) else "a value"
+    if isinstance(value, (list, dict)) and not hint.startswith(("tuple", "Optional[tuple")):
+        return f"a {setting_type(hint)}"
     base = setting_type(hint)
     if base.startswith("tuple"):
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
@@ -155,18 +148,9 @@ def _check_type(value: Any, hint: str) -> str | None:
 def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     """Read and check a pipeline file; every problem is one line naming the file, line and key."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReflectTuneError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ReflectTuneError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    raw, lines = load_yaml(path)
     if not isinstance(raw, dict):
         raise ReflectTuneError(f"{path}: expected a mapping with `name`, `data` and stage sections ({', '.join(STAGES)})")
-    lines = _line_map(text)
     where = lambda key: f"{path}:{lines[key]}" if key in lines else str(path)  # noqa: E731
     for key, value in raw.items():
         if isinstance(value, dict):
@@ -180,6 +164,11 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     for key in ("name", "data"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise ReflectTuneError(f"{where(key)}: key '{key}': required, a non-empty string")
+    for key in ("runs_dir", "format", "split"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise ReflectTuneError(f"{where(key)}: key '{key}': expected a non-empty string, got {clip(raw[key])}")
+    if raw.get("format") is not None and raw["format"] not in FORMATS:
+        raise ReflectTuneError(f"{where('format')}: key 'format': {clip(raw['format'])} is not one of {', '.join(FORMATS)}")
     name = raw["name"].strip()
     if "/" in name or name in (".", ".."):
         raise ReflectTuneError(f"{where('name')}: key 'name': a folder name, without '/'")
@@ -215,7 +204,7 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
         value = values[key] = _typed(value, known[key])
         want = _check_type(value, known[key])
         if want:
-            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': expected {want}, got {value!r}")
+            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': expected {want}, got {clip(value)}")
     if stage == "student":
         for key in ("from", "layers"):
             if key not in values:
@@ -384,9 +373,13 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
             raise ReflectTuneError(f"--from {start}: the earlier stage {st.name} is not finished ({st.folder}); "
                                    f"run without --from first")
     _check_before_running(pipe, stages[first : last + 1])
+    with exclusive(pipe.folder / ".run.lock", f"the run folder {pipe.folder}"):  # one run of a pipeline at a time
+        return _run_stages(pipe, stages, first, last, progress)
 
+
+def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, progress: bool) -> dict[str, Any]:
     pipe.folder.mkdir(parents=True, exist_ok=True)
-    copy, text = pipe.folder / "pipeline.yaml", Path(pipe.path).read_text(encoding="utf-8")
+    copy, text = pipe.folder / "pipeline.yaml", read_config_text(pipe.path)
     if not copy.is_file() or copy.read_text(encoding="utf-8") != text:
         atomic_write_text(copy, text)
     record = _load_record(pipe, stages)
@@ -410,9 +403,12 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
             result = _run_stage(st, progress)
         except BaseException as e:
             entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            _save_record(pipe, record)
-            write_summary(pipe, stages)
+                         error=one_line(str(e), 500) if str(e) else type(e).__name__)
+            try:
+                _save_record(pipe, record)
+                write_summary(pipe, stages)
+            except OSError:  # a full disk: the stage's own error is the one to report
+                pass
             raise
         entry.update(status="done" if st.done else "pending", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      wall_s=round(time.time() - t0, 1), error=None)
@@ -428,7 +424,14 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
     """What can be checked before any work (or paid call): reflect's own checks and its API key,
     select's options (train's were checked when its config was built)."""
     from reflect_tune import reflect, selection
+    from reflect_tune.data import check_source
 
+    reads_data = [st for st in stages if not st.done and "data" in st.upstream]
+    if reads_data:
+        try:
+            check_source(pipe.data, format=pipe.format, split=pipe.split)
+        except ReflectTuneError as e:
+            raise ReflectTuneError(f"{pipe.where('data')}: data: {e}") from None
     for st in stages:
         if st.done:
             continue
@@ -485,8 +488,10 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
         result = run_reflect(st.config)
         if result.get("status") == "submitted":
             return result
-        failed = sum(v.get("api_failed", 0) for v in result["variants"].values())
-        if failed:  # not cached, so a rerun retries them: the stage stays unfinished until they succeed
+        # a request the server refused for its content (HTTP 400) fails the same way every time: final;
+        # one that ran out of retries is not cached, so a rerun retries it: the stage waits for those
+        failed = sum(v.get("api_failed", 0) for v in result["variants"].values()) - result.get("variants_rejected", 0)
+        if failed:
             return {"status": f"{failed} requests failed after every retry (api_failed, see "
                               f"{st.config.output}); the next run retries only those"}
         summary = result

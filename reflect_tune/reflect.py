@@ -33,8 +33,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from reflect_tune.errors import ReflectTuneError
-from reflect_tune.teacher import ApiFailed, FatalApiError, Pending, RequestCache, TeacherClient, rough_tokens
+from reflect_tune.artifacts import check_output_file
+from reflect_tune.errors import ReflectTuneError, looks_like_secret, register_secret
+from reflect_tune.cache import CacheFull, RequestCache
+from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
 
 log = logging.getLogger("reflect_tune.reflect")
 
@@ -98,6 +100,7 @@ class ReflectConfig:
     tokenizer: str | None = None
     format: str | None = None
     split: str | None = None
+    dedupe: bool = False  # drop records whose id was already seen (counted) instead of failing
     progress: bool = True
 
     def params(self) -> dict[str, Any]:
@@ -268,7 +271,12 @@ async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: t
         jobs["ins"] = ask(client, prompts, "ins", rec.instruction, rec.input, rec.output, reask)
     if "response" in stages:
         jobs["res"] = ask(client, prompts, "res", rec.instruction, rec.input, rec.output, reask)
-    done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    try:
+        done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    except FatalApiError as e:
+        if getattr(e, "status", None) == 400:  # about a shared setting, but show where it was met
+            raise FatalApiError(f"record {rec.id!r} ({rec.where or 'input'}): {e}") from None
+        raise
     variants = {}
     for kind, stage in (("ins", "instruction"), ("res", "response")):
         variants[kind] = done.get(kind) or _variant("skipped", f"stage '{stage}' not requested", _usage(), **_no_text(kind))
@@ -304,20 +312,27 @@ def _validate(config: ReflectConfig) -> None:
     for flag, value in (("--no-wait", config.no_wait), ("--retry-failed", config.retry_failed)):
         if value and not config.batch_api:
             raise ReflectTuneError(f"{flag} only applies with --batch-api")
+    check_api_key_env(config.api_key_env)
     out = Path(config.output)
     if out.suffix != ".jsonl":
         raise ReflectTuneError(f"{out}: the reflect output is JSON Lines; name it *.jsonl")
-    if Path(config.input).exists() and out.exists() and out.resolve() == Path(config.input).resolve():
-        raise ReflectTuneError(f"{out}: the output would overwrite the input")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ReflectTuneError(f"{out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ReflectTuneError(f"{out}: the folder {parent} is not writable")
+    check_output_file(out, [config.input])  # not a folder, not the input, and writable: before any request
+
+
+def check_api_key_env(name: str) -> None:
+    """The variable's NAME is asked for; a key given there by mistake is refused and never shown or stored."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or "") or looks_like_secret(name):
+        register_secret(name)
+        raise ReflectTuneError("--api-key-env (api_key_env): expected the NAME of an environment variable, e.g. "
+                               "OPENAI_API_KEY; the value given is not a variable name (not shown: it may be the key itself)")
 
 
 def _api_key(config: ReflectConfig) -> str | None:
     key = os.environ.get(config.api_key_env) or None
+    register_secret(key)  # no message or written file may show it
     if key is None and config.base_url is None and not config.dry_run:
         raise ReflectTuneError(f"the environment variable {config.api_key_env} is not set (it holds the OpenAI API key; "
                                "use --api-key-env NAME for another variable, or --base-url for a local server)")
@@ -338,15 +353,19 @@ def run_reflect(config: ReflectConfig) -> dict[str, Any]:
 
     _validate(config)
     prompts = load_prompts(config.prompts)
-    records, report = load_records(config.input, format=config.format, split=config.split, limit=config.limit)
+    records, report = load_records(config.input, format=config.format, split=config.split, limit=config.limit,
+                                   on_duplicate="drop" if config.dedupe else "error")
     if not records:
         raise ReflectTuneError(f"{config.input}: no records to reflect")
+    for line in report.warnings():
+        log.warning("warning: %s", line)
     api_key = _api_key(config)
     cache = RequestCache(_cache_folder(config))
     started = time.time()
     try:
         if config.dry_run:
             return dry_run(config, records, prompts, cache)
+        cache.ensure_reserve()  # room to keep the replies in flight if the disk fills up
         client = TeacherClient(model=config.model, base_url=config.base_url, api_key=api_key, params=config.params(),
                                cache=cache, concurrency=config.concurrency, rpm=config.rpm, tpm=config.tpm,
                                timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff)
@@ -365,7 +384,7 @@ def run_reflect(config: ReflectConfig) -> dict[str, Any]:
             lines = asyncio.run(_live(records, client, prompts, config))
         summary = _summary(config, lines, client, time.time() - started)
         _write(config, lines, prompts, report, summary)
-        _print_summary(summary, config.output)
+        _print_summary(summary, config.output, _rejected(records, lines))
         return summary
     finally:
         cache.close()
@@ -395,12 +414,16 @@ async def walk(records, client: TeacherClient, prompts: Prompts, config: Reflect
     client.on_update = bar.refresh
     try:
         done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+        errors = [t.exception() for t in done if t.exception() is not None]
+        if errors:
+            # send nothing more, but let the requests on the wire answer and reach the cache: paid for
+            first = next((e for e in errors if not isinstance(e, Stopped)), None)
+            client.stop(first or errors[0])
+            await client.settle()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise first or client.stop_error
     finally:
         bar.close()
         client.on_update = None
@@ -412,8 +435,21 @@ async def _live(records, client: TeacherClient, prompts: Prompts, config: Reflec
         return await walk(records, client, prompts, config)
     except FatalApiError as e:
         raise FatalApiError(f"{e} — stopped; {len(client.cache)} replies are cached, rerun the same command to resume") from None
+    except CacheFull as e:
+        lost = client.save_unsaved()
+        raise CacheFull(f"{e}" + (f"; {lost} paid replies could not be saved" if lost else "")) from None
     finally:
         await client.aclose()
+
+
+def _rejected(records, lines: list[dict]) -> list[str]:
+    """'record ID (FILE:LINE) VARIANT: reason' for each variant the teacher refused (HTTP 400 about it)."""
+    out = []
+    for rec, line in zip(records, lines):
+        for kind, v in line["variants"].items():
+            if v["status"] == "api_failed" and (v["reason"] or "").startswith(REJECTED):
+                out.append(f"record {rec.id!r} ({rec.where or 'input'}) {kind}: {v['reason']}")
+    return out
 
 
 class _Progress:
@@ -486,9 +522,12 @@ def _summary(config: ReflectConfig, lines: list[dict], client: TeacherClient, wa
     parse_failed = sum(d.get("parse_failed", 0) for d in statuses.values())
     if parse_failed:
         failures["parse_failed"] = parse_failed
+    rejected = sum(1 for line in lines for v in line["variants"].values()
+                   if v["status"] == "api_failed" and (v["reason"] or "").startswith(REJECTED))
     return {
         "records": len(lines),
         "requests_sent": s.sent, "requests_answered": s.succeeded, "requests_cached": s.cached,
+        "requests_from_other_process": s.waited_for_others, "variants_rejected": rejected,
         "retries": s.retries, "retries_by_kind": dict(s.retry_kinds), "failures_by_kind": failures,
         "variants": statuses,
         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
@@ -515,7 +554,7 @@ def _write(config: ReflectConfig, lines: list[dict], prompts: Prompts, report, s
     write_meta(out, meta)
 
 
-def _print_summary(summary: dict, output: str) -> None:
+def _print_summary(summary: dict, output: str, rejected: list[str] = ()) -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -531,6 +570,10 @@ def _print_summary(summary: dict, output: str) -> None:
         f"  wall time: {summary['wall_s']:.1f} s",
         soft_wrap=True, highlight=False,
     )
+    for line in rejected[:5]:
+        console.print(f"  refused: {line}", soft_wrap=True, highlight=False, markup=False)
+    if len(rejected) > 5:
+        console.print(f"  refused: {len(rejected) - 5} more (see the reasons in {output})", highlight=False, markup=False)
     print(f"wrote {summary['records']} records to {output}", file=sys.stdout)
 
 

@@ -666,12 +666,14 @@ class ScoreResult:
     dtype: str
 
 
-def check_output(path: str | os.PathLike, suffix: str) -> None:
+def check_output(path: str | os.PathLike, suffix: str, inputs: list[str] = ()) -> None:
+    """Before any model loads: the right suffix, not a folder, not an input, a writable folder."""
+    from reflect_tune.artifacts import check_output_file
+
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise ReflectTuneError(f"{out}: the output must be a {suffix} file")
-    if out.is_dir():
-        raise ReflectTuneError(f"{out}: is a folder; give a file name")
+    check_output_file(out, inputs)
 
 
 def nan_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -695,7 +697,7 @@ def run_score(config: ScoreConfig) -> ScoreResult:
 
     if config.only not in (None, "ifd", "rifd"):
         raise ReflectTuneError(f"--only must be ifd or rifd, got {config.only!r}")
-    check_output(config.output, ".parquet")
+    check_output(config.output, ".parquet", [config.input])
     check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
     from reflect_tune.selection import load_candidates  # the input side: reflect output or plain data
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reflect_tune.data import loads
 from reflect_tune.errors import DataError, ReflectTuneError
 from reflect_tune.score import (
     REVERSE_DEFAULT,
@@ -104,7 +105,7 @@ def _is_reflected(path: str) -> bool:
         with open(p, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.strip():
-                    row = json.loads(line.lstrip("\ufeff"))
+                    row = loads(line.lstrip("\ufeff"))
                     return isinstance(row, dict) and "original" in row and "variants" in row
     except (OSError, json.JSONDecodeError, RecursionError):
         return False
@@ -141,7 +142,7 @@ def read_reflected(path: str) -> Loaded:
             continue
         where = f"{path}:{n}"
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: bad JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
         except RecursionError:
@@ -327,11 +328,15 @@ def run_select(config: SelectConfig) -> SelectResult:
     """Score what the method needs, apply the rule, write the three outputs (main process only)."""
     from reflect_tune.artifacts import provenance, write_meta
 
-    check_output(config.output, ".jsonl")
+    from reflect_tune.artifacts import check_output_folder
+
+    check_output(config.output, ".jsonl", [config.input])
     check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
     if config.top is not None and config.top_k is not None:
         raise ReflectTuneError("--top and --top-k are mutually exclusive; give one")
     out, scores_path, report_dir = output_paths(config.output)
+    check_output(scores_path, ".parquet", [config.input])  # select writes all three: none may be the input
+    check_output_folder(report_dir, [config.input], flag="the report folder")
     loaded = load_candidates(config.input, format=config.format, split=config.split)
     method = _validate(config, loaded.reflected)
     for w in loaded.warnings:
@@ -396,8 +401,7 @@ def run_select(config: SelectConfig) -> SelectResult:
     write_meta(scores_path, meta)
     _write_jsonl(selected, out)
     write_meta(out, meta)
-    _write_report(report_dir, summary, rows, outcomes, method, cut)
-    write_meta(report_dir, meta)
+    _write_report(report_dir, summary, rows, outcomes, method, cut, meta)
     if session.store is not None:
         session.store.remove()
     return result
@@ -515,7 +519,28 @@ def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
         raise ReflectTuneError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def _write_report(folder: Path, summary, rows, outcomes, method: str, cut: float | None) -> None:
+def _write_report(folder: Path, summary, rows, outcomes, method: str, cut: float | None, meta: dict) -> None:
+    """The report folder, built aside and swapped in whole: a failed write (disk full) leaves the
+    previous report, or none, never half of one."""
+    import shutil
+
+    from reflect_tune.artifacts import replace_folder, sweep_temporaries, write_error, write_meta
+
+    sweep_temporaries(folder)  # a report a killed run was building
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _report_files(tmp, summary, rows, outcomes, method, cut)
+        write_meta(tmp, meta)
+        replace_folder(tmp, folder)
+    except OSError as e:
+        raise write_error(folder, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report_files(folder: Path, summary, rows, outcomes, method: str, cut: float | None) -> None:
     """summary.json plus a histogram of IFD and of r-IFD over the pairs that reached the filter."""
     import matplotlib
     import numpy as np
@@ -525,7 +550,6 @@ def _write_report(folder: Path, summary, rows, outcomes, method: str, cut: float
 
     from reflect_tune.artifacts import atomic_path, atomic_write_text
 
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     pool = [rows[o.kept] for o in outcomes if o.kept is not None and o.decision != "dropped_variant_not_ok"]
     for column, title in (("ifd", "IFD"), ("rifd", "r-IFD")):

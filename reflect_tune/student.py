@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from reflect_tune.artifacts import check_output_folder, clear_folder, write_failure
 from reflect_tune.errors import ModelError, ReflectTuneError
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,15 @@ def _teacher_layer_count(path: str, trust_remote_code: bool) -> int | None:
         return None
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def _check_output(out: Path, overwrite: bool, inputs: list[str]) -> None:
+    """Not a file, not (or holding) the teacher, writable; with --overwrite only a folder make-student wrote."""
     if out.exists() and not out.is_dir():
         raise ReflectTuneError(f"{out}: exists and is a file; the output must be a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ReflectTuneError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    check_output_folder(out, inputs)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ReflectTuneError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        clear_folder(out, "make-student", check_only=True)
 
 
 def _student_config(teacher_config, kept: list[int]):
@@ -95,14 +100,15 @@ def make_student(source: str, layers: int, output: str, *, overwrite: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
-    from reflect_tune.artifacts import provenance, write_meta
+    from reflect_tune.artifacts import claim_folder, fix_modes, provenance, replace_folder, sweep_temporaries, write_meta
     from reflect_tune.models import load_model, load_tokenizer, resolve_model
 
     out = Path(output)
-    _check_output(out, overwrite)
+    _check_output(out, overwrite, [source])
     if layers < 1:
         raise ReflectTuneError(f"--layers {layers}: a student needs at least 1 decoder layer")
     resolved = resolve_model(source)
+    _check_output(out, overwrite, [resolved.path])  # a bundled or cached teacher, by its folder
     n_config = _teacher_layer_count(resolved.path, trust_remote_code)
     if n_config is not None:
         layer_indices(n_config, layers, source)  # fail fast, before the weights load
@@ -135,24 +141,21 @@ def make_student(source: str, layers: int, output: str, *, overwrite: bool = Fal
     meta.update(teacher=resolved.path, teacher_source=resolved.source, **summary)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
+    sweep_temporaries(out)  # a student a killed run was building
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         student.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        fix_modes(tmp)  # safetensors writes 0600
+        claim_folder(tmp, "make-student", [f.name for f in tmp.iterdir()] + ["meta.json"])  # what --overwrite may remove
         write_meta(tmp, meta)  # last: the folder is complete once meta.json is in it
-        if out.is_dir():  # empty, or --overwrite (checked above): move it aside, swap in, then drop it
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except OSError as e:
-        raise ReflectTuneError(f"{out}: cannot write the student: {e.strerror or e}") from None
+        replace_folder(tmp, out)  # empty, missing, or --overwrite (checked above): swapped in whole
+    except Exception as e:
+        why = write_failure(e, out.parent)
+        if why is None:
+            raise
+        raise ReflectTuneError(f"{out}: cannot write the student: {why}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary

@@ -11,10 +11,14 @@ One `TeacherClient.chat(messages)` call is one logical request:
    `retry-after-ms` / `Retry-After`: HTTP 408, 409, 429 and 5xx, timeouts and dropped
    connections, up to `max_retries` retries. When they run out the request raises `ApiFailed`
    and the caller records the variant as `api_failed`; the run goes on.
-4. HTTP 400, 401, 403 and 404 (and 429 `insufficient_quota`) raise `FatalApiError`: retrying
-   cannot help, so the run stops at once with one clear line.
+4. HTTP 401, 403 and 404 (and 429 `insufficient_quota`) raise `FatalApiError`: retrying cannot
+   help, so nothing more is sent and the run stops with one clear line once the requests on the
+   wire have landed. An HTTP 400 about this request's content (context length, a content
+   filter) raises `ApiFailed` (the record's variant fails, the run goes on); one about a
+   setting every request shares is fatal (`bad_request_scope`).
 5. The reply is committed to the cache before it is returned, so a killed run re-sends at most
-   the requests that were in flight.
+   the requests that were in flight. Two processes on one cache send each request once: the
+   cache's claims make the second wait for the first's reply (cache.py).
 
 The API key is only ever handed to the openai SDK. Every message that leaves this module passes
 through `scrub`, which removes it.
@@ -24,22 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import json
 import re
-import sqlite3
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from reflect_tune.errors import ReflectTuneError
+from reflect_tune.cache import CacheFull, Reply, RequestCache, request_key
+from reflect_tune.errors import ReflectTuneError, scrub_secrets
 
 FATAL_STATUS = {400, 401, 403, 404}
 RETRY_STATUS = {408, 409, 429}
+REJECTED = "rejected by the teacher (not retried)"  # the reason's start for a request the server refused
 MAX_RETRY_AFTER = 300.0  # seconds; a server asking for longer is capped, not obeyed blindly
-_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{6,}")
 
 
 class FatalApiError(ReflectTuneError):
@@ -63,86 +65,10 @@ class Pending(Exception):
 
 
 def scrub(text: str, secret: str | None) -> str:
-    """Remove the API key (and anything shaped like an OpenAI key) from a message."""
-    if secret:
+    """Remove the API key, every registered secret and anything shaped like an OpenAI key from a message."""
+    if secret and len(secret) >= 4:  # a placeholder key ("x") is no secret, and replacing it would garble text
         text = text.replace(secret, "***")
-    return _KEY_LIKE.sub("sk-***", text)
-
-
-def request_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-    """The cache key: sha256 of the canonical JSON of model, messages and generation parameters."""
-    blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True,
-                      ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached: bool = False
-    retries: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The request cache
-# ---------------------------------------------------------------------------------------------
-
-
-class RequestCache:
-    """Append-only SQLite store of teacher replies, keyed by `request_key`.
-
-    WAL journal with `synchronous=NORMAL`: each reply is committed before it is used, and a
-    committed row survives the process being killed (only a power cut can lose the last ones).
-    A `failures` table remembers Batch API requests that failed, so a rerun does not pay for
-    them again unless asked to (`--retry-failed`).
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.path = self.folder / "requests.sqlite"
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, model TEXT, response TEXT, "
-                "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
-            )
-            self.db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, reason TEXT, created REAL)")
-        except (OSError, sqlite3.Error) as e:
-            raise ReflectTuneError(f"{folder}: cannot open the request cache: {e}") from None
-
-    def get(self, key: str) -> Reply | None:
-        row = self.db.execute(
-            "SELECT response, finish_reason, prompt_tokens, completion_tokens FROM requests WHERE key = ?", (key,)
-        ).fetchone()
-        return None if row is None else Reply(row[0], row[1], row[2] or 0, row[3] or 0, cached=True)
-
-    def put(self, key: str, model: str, reply: Reply) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, model, reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens, time.time()),
-        )
-
-    def failure(self, key: str) -> str | None:
-        row = self.db.execute("SELECT reason FROM failures WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def put_failure(self, key: str, reason: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (key, reason, time.time()))
-
-    def clear_failures(self) -> int:
-        return self.db.execute("DELETE FROM failures").rowcount
-
-    def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
+    return scrub_secrets(text)
 
 
 def rough_tokens(chars: int) -> int:
@@ -261,6 +187,8 @@ class ClientStats:
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
     in_flight: int = 0
+    waited_for_others: int = 0  # requests another process was sending: its reply was used, not paid again
+    rejected: int = 0        # requests the server refused for their content (HTTP 400 about this request)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -321,6 +249,34 @@ def _error_code(exc: BaseException) -> str | None:
     return getattr(exc, "code", None)
 
 
+def _error_field(exc: BaseException, name: str) -> str:
+    body = getattr(exc, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    value = err.get(name) if isinstance(err, dict) else getattr(exc, name, None)
+    return value if isinstance(value, str) else ""
+
+
+# A 400 that is about one request's content: the run records it and goes on.
+_ABOUT_THIS_REQUEST = re.compile(
+    r"context[ _-]?length|context window|maximum context|too many tokens|too long|reduce the length|string_above_max_length|"
+    r"content[ _-]?(filter|policy|management)|safety|invalid[ _-]?(prompt|content|image)|flagged", re.IGNORECASE)
+# A 400 about a setting every request shares: nothing can succeed, the run stops.
+_ABOUT_EVERY_REQUEST = {"unsupported_parameter", "unsupported_value", "unknown_parameter", "invalid_parameter",
+                        "model_not_found", "invalid_model"}
+FIRST_400_LIMIT = 3  # unexplained 400s before any success that stop a run
+
+
+def bad_request_scope(exc: BaseException) -> str:
+    """For an HTTP 400: 'request' (this request's content), 'run' (a shared setting) or 'unknown'."""
+    code, param = _error_field(exc, "code"), _error_field(exc, "param")
+    text = " ".join((code, _error_field(exc, "type"), param, str(getattr(exc, "message", "") or exc)))
+    if _ABOUT_THIS_REQUEST.search(text) or param.startswith("messages"):
+        return "request"
+    if code in _ABOUT_EVERY_REQUEST or param:
+        return "run"
+    return "unknown"
+
+
 def _describe(exc: BaseException) -> str:
     status = _status(exc)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -328,11 +284,19 @@ def _describe(exc: BaseException) -> str:
     return f"HTTP {status}: {message}" if status else f"{_kind(exc)}: {message}"
 
 
+class Stopped(Exception):
+    """A request that was not sent because the run is stopping (`TeacherClient.stop_error` says why)."""
+
+
 class TeacherClient:
     """An OpenAI-compatible chat client with a cache, limits, retries and statistics.
 
     `collect=True` turns it into a planner: cache hits are returned, misses raise `Pending`
     (used by `--dry-run` and the Batch API mode to find the requests a run still needs).
+
+    Stopping: the first answer that ends the run (401, 403, 404, a 400 about a shared setting, a
+    full disk) sets `stop_error`. From then on no request is sent; requests already on the wire
+    finish and their replies are committed (`settle()` waits for them), so nothing paid is lost.
     """
 
     def __init__(self, *, model: str, base_url: str | None, api_key: str | None, params: dict[str, Any],
@@ -346,9 +310,15 @@ class TeacherClient:
         self.concurrency = concurrency
         self.stats = ClientStats()
         self.pending: dict[str, dict[str, Any]] = {}  # collect mode: key -> request body
+        self.unsaved: dict[str, Reply] = {}  # replies paid for that the cache could not take (disk full)
+        self.stop_error: BaseException | None = None
         self._sdk = None
         self._slots: asyncio.Semaphore | None = None
         self._checked: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._unexplained_400 = 0
+        self._on_wire = 0  # requests sent whose reply is not committed yet
+        self._idle: asyncio.Event | None = None
         self.on_update = None  # optional callback after each request finishes
 
     # -- SDK access -------------------------------------------------------------------------------
@@ -371,9 +341,41 @@ class TeacherClient:
         return self._sdk
 
     async def aclose(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         if self._sdk is not None:
             await self._sdk.close()
             self._sdk = None
+
+    # -- stopping ---------------------------------------------------------------------------------
+
+    def stop(self, error: BaseException) -> None:
+        """Send nothing more; the first reason given is the one reported."""
+        if self.stop_error is None:
+            self.stop_error = error
+
+    def _check_stopped(self) -> None:
+        if self.stop_error is not None:
+            raise Stopped(str(self.stop_error))
+
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wait until every request on the wire has answered and been committed."""
+        if self._on_wire and self._idle is not None:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout if timeout is not None else self.timeout + 5)
+            except asyncio.TimeoutError:
+                pass
+
+    def save_unsaved(self) -> int:
+        """Try once more to commit replies the cache refused; returns how many are still unsaved."""
+        for key, reply in list(self.unsaved.items()):
+            try:
+                self.cache.put(key, self.model, reply)
+                del self.unsaved[key]
+            except CacheFull:
+                break
+        return len(self.unsaved)
 
     def fatal(self, exc: BaseException, what: str) -> FatalApiError:
         hint = ""
@@ -384,12 +386,20 @@ class TeacherClient:
             hint = f" (is '{self.model}' served at {self.base_url or 'the OpenAI API'}? check --model and --base-url)"
         elif status == 429:
             hint = " (the account is out of quota)"
-        return FatalApiError(scrub(f"teacher {what} failed: {_describe(exc)}{hint}", self._api_key))
+        elif status == 400:
+            hint = " (the server refuses a setting every request shares; check --model, --max-tokens, --temperature)"
+        error = FatalApiError(scrub(f"teacher {what} failed: {_describe(exc)}{hint}", self._api_key))
+        error.status = status
+        self.stop(error)
+        return error
 
     async def check_once(self) -> None:
         """Run `check` before the first request that is actually sent (never on a fully cached rerun)."""
         if self._checked is None:
             self._checked = asyncio.ensure_future(self.check())
+            # its error is raised to every waiter; marking it retrieved keeps asyncio from printing
+            # "Task exception was never retrieved" when every waiter was cancelled first
+            self._checked.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.shield(self._checked)
 
     async def check(self) -> None:
@@ -404,31 +414,77 @@ class TeacherClient:
             # Some servers do not implement /models; the first real request will tell.
         except openai.APIConnectionError as e:
             where = self.base_url or "https://api.openai.com/v1"
-            raise FatalApiError(scrub(f"cannot reach the teacher at {where}: {_describe(e)}", self._api_key)) from None
+            error = FatalApiError(scrub(f"cannot reach the teacher at {where}: {_describe(e)}", self._api_key))
+            self.stop(error)
+            raise error from None
 
     # -- one request ------------------------------------------------------------------------------
 
     def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         return {"model": self.model, "messages": messages, **self.params}
 
+    def _hit(self, hit: Reply) -> Reply:
+        self.stats.cached += 1
+        self.stats.cached_prompt_tokens += hit.prompt_tokens
+        self.stats.cached_completion_tokens += hit.completion_tokens
+        return hit
+
     async def chat(self, messages: list[dict[str, str]], est_prompt_tokens: int = 0) -> Reply:
         key = request_key(self.model, messages, self.params)
         hit = self.cache.get(key)
         if hit is not None:
-            self.stats.cached += 1
-            self.stats.cached_prompt_tokens += hit.prompt_tokens
-            self.stats.cached_completion_tokens += hit.completion_tokens
-            return hit
+            return self._hit(hit)
         if self.collect:
             failed = self.cache.failure(key)
             if failed is not None:
                 raise ApiFailed(failed, "batch", 0)
             self.pending[key] = self.body(messages)
             raise Pending(key)
+        await self._claim(key)
+        if (hit := self.cache.get(key)) is not None:  # another process answered it while we waited
+            self.stats.waited_for_others += 1
+            return self._hit(hit)
         if not est_prompt_tokens:
             est_prompt_tokens = rough_prompt_tokens(messages)
-        reply = await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0))
-        self.cache.put(key, self.model, reply)
+        try:
+            return await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0), key)
+        finally:
+            self.cache.release(key)
+
+    async def _claim(self, key: str) -> None:
+        """Wait while another process is sending this very request; then own it (or find its reply)."""
+        pause = 0.1
+        while True:
+            self._check_stopped()
+            try:
+                state = self.cache.claim(key)
+            except CacheFull as e:
+                self.stop(e)
+                raise Stopped(str(e)) from None
+            if state != "wait":
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.ensure_future(self._renew_claims())
+
+    async def _renew_claims(self) -> None:
+        while True:
+            await asyncio.sleep(self.cache.LEASE_S / 3)
+            self.cache.renew()
+
+    def _commit(self, key: str, reply: Reply) -> Reply:
+        """Store a paid reply; on a full disk keep it in memory and stop sending."""
+        try:
+            reply = self.cache.put(key, self.model, reply)
+        except CacheFull as e:
+            self.unsaved[key] = reply
+            self.stop(e)
+            return reply
+        if self.cache.full:
+            self.stop(CacheFull(f"{self.cache.folder}: the disk holding the request cache is full; stopped before "
+                                "sending more (the replies in flight were saved in the reserved space). Free some "
+                                "disk space, then run the same command again to resume"))
         return reply
 
     def _wait(self, retry_state) -> float:
@@ -440,14 +496,14 @@ class TeacherClient:
             return asked
         return wait_random_exponential(multiplier=self.backoff, max=60.0)(retry_state)
 
-
-    async def _send(self, messages: list[dict[str, str]], cost_tokens: int) -> Reply:
+    async def _send(self, messages: list[dict[str, str]], cost_tokens: int, key: str) -> Reply:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         await self.check_once()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
+            self._idle = asyncio.Event()
         retries = [0]
 
         def before_sleep(retry_state) -> None:
@@ -462,17 +518,27 @@ class TeacherClient:
                 with attempt:
                     async with self._slots:
                         await self.limiter.acquire(cost_tokens)
+                        self._check_stopped()  # at the last moment: a fatal answer may have come in meanwhile
                         self.stats.sent += 1
                         self.stats.in_flight += 1
+                        self._on_wire += 1
+                        self._idle.clear()
                         try:
                             # The SDK's documented raw call: its errors, auth and transport, without
                             # typed-parameter conversion and model parsing (a third of its CPU per request).
                             response = await self.sdk().post("/chat/completions", cast_to=self._raw_type,
                                                              body=self.body(messages))
-                            data = json.loads(response.content)
+                            reply = reply_from_json(json.loads(response.content))
+                            reply.retries = retries[0]
+                            reply = self._commit(key, reply)  # before anything else can happen to it
                         finally:
                             self.stats.in_flight -= 1
+                            self._on_wire -= 1
+                            if not self._on_wire:
+                                self._idle.set()
         except openai.APIStatusError as e:
+            if e.status_code == 400:
+                return self._bad_request(e, retries[0])
             if e.status_code in FATAL_STATUS or (e.status_code == 429 and not _retryable(e)):
                 raise self.fatal(e, "request") from None
             return self._give_up(e, retries[0])
@@ -481,12 +547,27 @@ class TeacherClient:
         finally:
             if self.on_update is not None:
                 self.on_update()
-        reply = reply_from_json(data)
-        reply.retries = retries[0]
         self.stats.succeeded += 1
         self.stats.prompt_tokens += reply.prompt_tokens
         self.stats.completion_tokens += reply.completion_tokens
         return reply
+
+    def _bad_request(self, exc: BaseException, retries: int):
+        """HTTP 400: about this request (record it, go on) or about every request (stop the run).
+
+        A 400 that says neither is taken as this request's, unless the run has had no success yet
+        and it is the FIRST_400_LIMIT-th such answer: then a shared setting is the likely cause.
+        """
+        scope = bad_request_scope(exc)
+        if scope == "unknown" and not self.stats.succeeded:
+            self._unexplained_400 += 1
+            if self._unexplained_400 >= FIRST_400_LIMIT:
+                raise self.fatal(exc, f"request (the first {FIRST_400_LIMIT} answers were all HTTP 400)")
+        if scope == "run":
+            raise self.fatal(exc, "request")
+        self.stats.rejected += 1
+        self.stats.failures["rejected"] += 1
+        raise ApiFailed(scrub(f"{REJECTED}: {_describe(exc)}", self._api_key), "rejected", retries)
 
     def _give_up(self, exc: BaseException, retries: int):
         kind = _kind(exc)

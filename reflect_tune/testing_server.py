@@ -19,8 +19,11 @@ transport faults hit the first n attempts (default 1) of that exact body, and ch
 appearance (`FAULT:429 FAULT:500:2` -> 429, 500, 500, then success):
 
 * `429` -> 429, headers `retry-after-ms: 100` and `retry-after: 1`, type "rate_limit_exceeded";
-* `500` `502` `503` `408` `409` (retryable) and `400` `401` `403` `404` (fatal) -> that status
+* `500` `502` `503` `408` `409` (retryable) and `400` `401` `403` `404` -> that status
   with an OpenAI error body;
+* `context_length` / `bad_param` -> a 400 worded as OpenAI words a prompt over the context
+  window (code context_length_exceeded, param messages) / an unsupported parameter (code
+  unsupported_parameter, param max_tokens);
 * `stall` -> sleep `stall_seconds`, then answer normally (a client timeout fires first);
 * `drop` -> close the TCP connection without writing any response;
 * `batch_expired` -> ignored live; in a batch the line goes to the error file as
@@ -99,6 +102,16 @@ def request_key(body) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# 400s worded as real servers word them: about this request's content, or about a setting every request shares
+NAMED_400 = {
+    "context_length": error_body("This model's maximum context length is 8192 tokens. However, your messages "
+                                 "resulted in 9000 tokens. Please reduce the length of the messages.",
+                                 code="context_length_exceeded", param="messages"),
+    "bad_param": error_body("Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                            "'max_completion_tokens' instead.", code="unsupported_parameter", param="max_tokens"),
+}
+
+
 def content_text(content) -> str:
     """The text of a message content: a string, or the text parts of a list of parts."""
     if isinstance(content, list):
@@ -165,11 +178,13 @@ def decide(body, attempt: int, models, *, batch: bool = False) -> tuple:
     faults = [(m.group(1), int(m.group(2) or 1)) for m in map(FAULT_RE.fullmatch, find_directives(texts))]
     upto, action = 0, None
     for kind, n in faults:
-        if kind in STATUS_FAULTS or kind in ("stall", "drop") or (batch and kind == "batch_expired"):
+        if kind in STATUS_FAULTS or kind in NAMED_400 or kind in ("stall", "drop") or (batch and kind == "batch_expired"):
             upto += n
             if attempt <= upto:
                 action = kind
                 break
+    if action in NAMED_400:
+        return ("error", 400, NAMED_400[action], {})
     if action in STATUS_FAULTS or (batch and action in ("stall", "drop")):
         status = 500 if action in ("stall", "drop") else int(action)
         type_, code = ERROR_KINDS[status]

@@ -21,9 +21,10 @@ docs/FORMATS.md §8.4.
 from __future__ import annotations
 
 import csv
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -38,10 +39,34 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from reflect_tune.artifacts import atomic_path, atomic_write_text, provenance, write_meta
-from reflect_tune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reflect_tune.artifacts import (
+    append_durably,
+    atomic_path,
+    atomic_write_text,
+    check_output_folder,
+    claim_folder,
+    clear_folder,
+    exclusive,
+    fix_modes,
+    lock_beside,
+    owned_by,
+    provenance,
+    read_marker,
+    write_failure,
+    write_meta,
+)
+from reflect_tune.checkpoint import (
+    CorruptCheckpoint,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
+from reflect_tune.config import load_yaml
 from reflect_tune.data import load_records
-from reflect_tune.errors import DataError, ModelError, ReflectTuneError
+from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip
 from reflect_tune.losses import IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, naive_distill_loss
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
 from reflect_tune.templates import alpaca_prompt
@@ -53,6 +78,10 @@ TEMPLATES = ("chat", "alpaca")
 # Changing these between a checkpoint and `--resume` is allowed; anything else must match.
 _RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge", "eval_samples"}
 LOG_FIELDS = ["step", "epoch", "tokens", "loss", "ce_loss", "kd_loss", "lr", "grad_norm", "tokens_per_s", "wall_s"]
+# what train writes at the top of its output folder besides the model and tokenizer files (which
+# save_final notes in the folder's marker): `--overwrite` removes these and nothing foreign
+OUTPUT_NAMES = ("checkpoints", "train_log.csv", "eval_before.json", "loss.png", "train_config.yaml", "meta.json",
+                "merged", ".final.tmp", ".merged.tmp")
 
 
 @dataclass
@@ -106,15 +135,9 @@ class TrainConfig:
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config: a mapping whose keys are TrainConfig fields (`kd-ratio` or `kd_ratio`)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ReflectTuneError(f"{path}: cannot read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ReflectTuneError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    """Read a YAML config: a mapping whose keys are TrainConfig fields (`kd-ratio` or `kd_ratio`).
+    Duplicate keys, alias bombs and unreadable files are refused with FILE:LINE (config.load_yaml)."""
+    raw, lines = load_yaml(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -128,7 +151,8 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 out["method"] = name
             continue
         if name not in known:
-            raise ReflectTuneError(f"{path}: key '{key}': unknown setting (known: {', '.join(sorted(known))})")
+            where = f"{path}:{lines[name]}" if name in lines else str(path)
+            raise ReflectTuneError(f"{where}: key {clip(str(key))}: unknown setting (known: {', '.join(sorted(known))})")
         if isinstance(value, str) and "float" in known[name]:  # YAML 1.1 reads `1e-4` (no dot) as text
             try:
                 value = float(value)
@@ -157,7 +181,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
     for name, value in values.items():
         want = setting_type(types[name])
         if not fits_type(value, want) and not (value is None and types[name].startswith("Optional")):
-            raise ReflectTuneError(f"setting '{name}': expected {want}, got {value!r}")
+            raise ReflectTuneError(f"setting '{name}': expected {want}, got {clip(value)}")
         if want == "float" and value is not None:
             values[name] = float(value)
     cfg = TrainConfig(**values)
@@ -182,6 +206,32 @@ def validate_config(cfg: TrainConfig) -> None:
     for name, why, failed in checks:
         if failed:
             raise ReflectTuneError(f"setting '{name}': {why}")
+
+
+def _is_train_folder(out: Path) -> bool:
+    """A folder this stage wrote: its marker, or (written before markers existed) its checkpoints or log."""
+    if owned_by(out, "train"):
+        return True
+    return read_marker(out) is None and any((out / n).exists() for n in ("checkpoints", "eval_before.json", "train_log.csv"))
+
+
+def explain_empty_selection(data: str) -> None:
+    """An empty selected.jsonl: say that `select` kept nothing, and why, instead of "empty file"."""
+    p = Path(data)
+    try:
+        if not p.is_file() or p.stat().st_size > 0:
+            return
+        meta = json.loads(p.with_name(p.name + ".meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    s = meta.get("summary") if isinstance(meta, dict) and meta.get("stage") == "select" else None
+    if not isinstance(s, dict):
+        return
+    drops = sorted(((v, k) for k, v in (s.get("decisions") or {}).items() if k.startswith("dropped") and v), reverse=True)
+    why = ", ".join(f"{k.removeprefix('dropped_')} {v}" for v, k in drops) or "no candidate was scored"
+    raise DataError(f"{p}: select kept 0 of {s.get('records')} records (dropped: {why}), so there is nothing to "
+                    "train on; see its report, then loosen the selection (e.g. --missing-response keep, a larger "
+                    "--top) or use a stronger student to score")
 
 
 def resolved_lr(cfg: TrainConfig) -> float:
@@ -438,14 +488,13 @@ def load_student(cfg: TrainConfig, device: torch.device):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
+def check_resume_config(ckpt: Path, cfg: TrainConfig, saved: dict) -> None:
     """Resuming with other settings would silently train something else: refuse, naming one."""
-    saved = json.loads((ckpt / "train_config.json").read_text())
     now = config_dict(cfg)
     changed = [k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k]]
     if changed:
         k = changed[0]
-        raise ReflectTuneError(f"{ckpt}: cannot resume: setting '{k}' was {saved.get(k)!r}, now {now[k]!r} "
+        raise ReflectTuneError(f"{ckpt}: cannot resume: setting '{k}' was {clip(saved.get(k))}, now {clip(now[k])} "
                                f"({len(changed)} setting(s) differ); use the same settings or a new --output")
 
 
@@ -453,17 +502,33 @@ def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
 
 
 def _append_log(path: Path, rows: list[dict], keep_until: Optional[int] = None) -> None:
-    """Append rows to train_log.csv; `keep_until` first drops rows after that step (a resume)."""
-    old = []
-    if path.is_file() and keep_until is not None:
-        with open(path, newline="") as fh:
-            old = [r for r in csv.DictReader(fh) if int(r["step"]) <= keep_until]
-    mode = "a" if path.is_file() and keep_until is None else "w"
-    with open(path, mode, newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
-        if mode == "w":
+    """Append rows to train_log.csv; `keep_until` first drops rows after that step (a resume).
+
+    The rewrite is atomic and an append that fails (disk full) is cut back, so the log never holds
+    a torn line; rows that cannot be read (a file from a crash) are dropped on the rewrite.
+    """
+    if keep_until is not None or not path.is_file():
+        old = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    try:
+                        if int(r["step"]) <= (keep_until or 0):
+                            old.append(r)
+                    except (KeyError, TypeError, ValueError):
+                        continue
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
             w.writeheader()
-        w.writerows(old + rows)
+            w.writerows(old + rows)
+        return
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerows(rows)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        append_durably(fd, buf.getvalue().encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def plot_losses(log_path: Path, png: Path) -> None:
@@ -491,8 +556,17 @@ def save_final(out: Path, model, tok, cfg: TrainConfig, meta: dict, accelerator)
     """The HF model (or adapter), tokenizer, config, log plot and provenance in OUTDIR."""
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.unwrap_model(model).lm.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    try:
+        accelerator.unwrap_model(model).lm.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        fix_modes(tmp)  # safetensors writes 0600; the other outputs are 0644 under the usual umask
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written model is left behind
+        if write_failure(e) is None:
+            raise
+        raise ReflectTuneError(f"{out}: cannot write the trained model: {write_failure(e, out)}; the checkpoints are "
+                               "intact (continue with --resume once there is room)") from None
+    claim_folder(out, "train", [f.name for f in tmp.iterdir()])
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -513,8 +587,15 @@ def merge_adapter(out: Path, cfg: TrainConfig, tok, meta: dict) -> Path:
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     tmp, final = out / ".merged.tmp", out / "merged"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        fix_modes(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if write_failure(e) is None:
+            raise
+        raise ReflectTuneError(f"{final}: cannot write the merged model: {write_failure(e, out)}") from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_meta(final, {**meta, "merged_from": str(out)})
@@ -549,14 +630,20 @@ def _setup(cfg: TrainConfig) -> _Run:
 
     validate_config(cfg)
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ReflectTuneError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    # everything cheap is checked before any weights load: the output folder first
+    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher])  # not a file, holds no input, writable
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not (cfg.resume or cfg.overwrite):
         raise ReflectTuneError(f"{out}: not empty; pass --resume to continue its run, --overwrite to replace it, "
                                "or choose a new --output")
+    if nonempty and cfg.resume and not cfg.overwrite and not _is_train_folder(out):
+        raise ReflectTuneError(f"{out}: not a folder that reflect-tune train wrote; --resume continues only a train "
+                               "run's own folder. Choose a new --output")
     if cfg.resume and not cfg.overwrite and (out / "meta.json").is_file() and latest_checkpoint(out) is None:
         raise ReflectTuneError(f"{out}: holds a finished run and no checkpoint to resume from; pass --overwrite to train again")
-    # everything cheap is checked before any weights load
+    if nonempty and cfg.overwrite and not cfg.resume:
+        clear_folder(out, "train", OUTPUT_NAMES, check_only=True)  # refuses a foreign folder before any work
+    explain_empty_selection(cfg.data)
     records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop")
     for line in report.warnings():
         log.warning("warning: %s", line)
@@ -571,9 +658,10 @@ def _setup(cfg: TrainConfig) -> _Run:
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     if cfg.overwrite and not cfg.resume and accelerator.is_main_process and out.is_dir():
-        shutil.rmtree(out)
+        clear_folder(out, "train", OUTPUT_NAMES)  # only what train wrote there
+    if accelerator.is_main_process:
+        claim_folder(out, "train")
     accelerator.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -662,75 +750,117 @@ def eval_loss(run: _Run) -> float | None:
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training described by `cfg`; returns a summary (also stored in OUTDIR/meta.json)."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is enough
+    validate_config(cfg)
+    if os.environ.get("RANK", "0") != "0":  # one lock per run: the main process holds it
+        return _train(cfg)
+    with exclusive(lock_beside(cfg.output), f"{cfg.output}"):  # two trainings into one folder would mix
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     run = _setup(cfg)
     acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
-    group = acc.num_processes * cfg.grad_accum
-    step = tokens_seen = samples_seen = start_epoch = start_mb = 0
-    resumed_from = None
-    if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            log.warning("warning: %s: no checkpoint to resume from; starting from scratch", out)
-        else:
-            check_resume_config(ckpt, cfg)
-            state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, cfg.method == "full", acc)
-            step, tokens_seen, samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
-            start_epoch, start_mb = state["data_position"]["epoch"], state["data_position"]["micro_batch"]
-            resumed_from = str(ckpt)
-            log.info("resuming from %s (step %d of %d)", ckpt, step, run.total_steps)
-    log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
-    if main:
-        _append_log(log_path, [], keep_until=step)
-    if resumed_from and eval_path.is_file():  # measured before the first step of the run being resumed
-        loss_before = json.loads(eval_path.read_text())["loss"]
-    else:
-        loss_before = eval_loss(run) if step == 0 else None
+    with _writes_checked(out):  # a failed write (disk full, read-only) is one line; checkpoints stay intact
+        group = acc.num_processes * cfg.grad_accum
+        step = tokens_seen = samples_seen = start_epoch = start_mb = 0
+        resumed_from = None
+        if cfg.resume:
+            state, ckpt = resume_state(run)
+            if ckpt is None:
+                log.warning("warning: %s: no checkpoint to resume from; starting from scratch", out)
+            else:
+                step, tokens_seen, samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
+                start_epoch, start_mb = state["data_position"]["epoch"], state["data_position"]["micro_batch"]
+                resumed_from = str(ckpt)
+                log.info("resuming from %s (step %d of %d)", ckpt, step, run.total_steps)
+        log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
         if main:
-            atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(run.examples))}))
-    progress = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), TaskProgressColumn(),
-                        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not (main and cfg.progress))
-    run_start, run_tokens, last = time.time(), 0, {}
-    with progress:
-        task = progress.add_task("train", total=run.total_steps, completed=step, loss="-", tps="-")
-        for epoch in range(start_epoch, cfg.epochs):
-            mbs = run.plan[epoch]
-            for g0 in range(start_mb if epoch == start_epoch else 0, len(mbs), group):
-                if step >= run.total_steps:
-                    break
-                t0 = time.time()
-                sums, step_tokens, n_samples = _optimizer_step(run, mbs[g0 : g0 + group])
-                step, tokens_seen, samples_seen = step + 1, tokens_seen + step_tokens, samples_seen + n_samples
-                run_tokens += step_tokens
-                tps = run_tokens / max(time.time() - run_start, 1e-9)
-                last = {"step": step, "epoch": round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4), "tokens": tokens_seen,
-                        "loss": f"{sums['loss']:.6f}", "ce_loss": f"{sums['ce']:.6f}",
-                        "kd_loss": f"{sums['kd']:.6f}" if cfg.teacher else "", "lr": f"{sums['lr']:.6g}",
-                        "grad_norm": f"{sums['grad_norm']:.6f}", "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
-                if main:
-                    _append_log(log_path, [last])
-                progress.update(task, completed=step, loss=f"{sums['loss']:.4f}", tps=f"{tps:,.0f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
-                    nxt = g0 + group
-                    position = {"epoch": epoch, "micro_batch": nxt} if nxt < len(mbs) else {"epoch": epoch + 1, "micro_batch": 0}
-                    save_checkpoint(out, step, run.model, run.optimizer, run.scheduler,
-                                    {"step": step, "epoch": epoch, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
-                                     "data_position": position, "world_size": acc.num_processes, "config": run.meta["config"]},
-                                    acc, cfg.keep_checkpoints)
-    summary = {"steps": step, "total_steps": run.total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
-               "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before, "loss_after": eval_loss(run),
-               "eval_examples": min(cfg.eval_samples, len(run.examples)), "vocab_size": run.setup.vocab_size,
-               "world_size": acc.num_processes, "lean_loss": run.setup.lean, "resumed_from": resumed_from,
-               "wall_s": round(time.time() - run_start, 1)}
-    run.meta["result"] = summary
-    if main:
-        save_final(out, run.model, run.tok, cfg, run.meta, acc)
-    acc.wait_for_everyone()
-    return {**summary, "is_main": main}
+            _append_log(log_path, [], keep_until=step)
+        if resumed_from and eval_path.is_file():  # measured before the first step of the run being resumed
+            loss_before = json.loads(eval_path.read_text())["loss"]
+        else:
+            loss_before = eval_loss(run) if step == 0 else None
+            if main:
+                atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(run.examples))}))
+        progress = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), TaskProgressColumn(),
+                            TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not (main and cfg.progress))
+        run_start, run_tokens, last = time.time(), 0, {}
+        with progress:
+            task = progress.add_task("train", total=run.total_steps, completed=step, loss="-", tps="-")
+            for epoch in range(start_epoch, cfg.epochs):
+                mbs = run.plan[epoch]
+                for g0 in range(start_mb if epoch == start_epoch else 0, len(mbs), group):
+                    if step >= run.total_steps:
+                        break
+                    t0 = time.time()
+                    sums, step_tokens, n_samples = _optimizer_step(run, mbs[g0 : g0 + group])
+                    step, tokens_seen, samples_seen = step + 1, tokens_seen + step_tokens, samples_seen + n_samples
+                    run_tokens += step_tokens
+                    tps = run_tokens / max(time.time() - run_start, 1e-9)
+                    last = {"step": step, "epoch": round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4), "tokens": tokens_seen,
+                            "loss": f"{sums['loss']:.6f}", "ce_loss": f"{sums['ce']:.6f}",
+                            "kd_loss": f"{sums['kd']:.6f}" if cfg.teacher else "", "lr": f"{sums['lr']:.6g}",
+                            "grad_norm": f"{sums['grad_norm']:.6f}", "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
+                    if main:
+                        _append_log(log_path, [last])
+                    progress.update(task, completed=step, loss=f"{sums['loss']:.4f}", tps=f"{tps:,.0f}")
+                    if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
+                        nxt = g0 + group
+                        position = {"epoch": epoch, "micro_batch": nxt} if nxt < len(mbs) else {"epoch": epoch + 1, "micro_batch": 0}
+                        save_checkpoint(out, step, run.model, run.optimizer, run.scheduler,
+                                        {"step": step, "epoch": epoch, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
+                                         "data_position": position, "world_size": acc.num_processes, "config": run.meta["config"]},
+                                        acc, cfg.keep_checkpoints)
+        summary = {"steps": step, "total_steps": run.total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
+                   "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before, "loss_after": eval_loss(run),
+                   "eval_examples": min(cfg.eval_samples, len(run.examples)), "vocab_size": run.setup.vocab_size,
+                   "world_size": acc.num_processes, "lean_loss": run.setup.lean, "resumed_from": resumed_from,
+                   "wall_s": round(time.time() - run_start, 1)}
+        run.meta["result"] = summary
+        if main:
+            save_final(out, run.model, run.tok, cfg, run.meta, acc)
+        acc.wait_for_everyone()
+        return {**summary, "is_main": main}
+
+
+@contextmanager
+def _writes_checked(out: Path):
+    try:
+        yield
+    except OSError as e:
+        raise ReflectTuneError(f"{e.filename or out}: cannot write: {e.strerror or e}; the finished checkpoints in "
+                               f"{out / 'checkpoints'} are intact (continue with --resume once there is room)") from None
+
+
+def resume_state(run: _Run) -> tuple[dict, Optional[Path]]:
+    """Load the newest checkpoint that reads back whole; a damaged one is set aside with a warning.
+    Returns (trainer_state, checkpoint), or ({}, None) when the folder has none."""
+    found, bad = checkpoints(run.out), []
+    for ckpt in found:
+        try:
+            files = read_checkpoint(ckpt, run.cfg.method == "full", run.accelerator)
+            check_resume_config(ckpt, run.cfg, files["config"])
+            state = load_checkpoint(ckpt, files, run.model, run.optimizer, run.scheduler, run.cfg.method == "full",
+                                    run.accelerator)
+        except CorruptCheckpoint as e:
+            bad.append(f"{ckpt.name}: {e}")
+            run.accelerator.wait_for_everyone()
+            if run.accelerator.is_main_process:
+                moved = set_aside(ckpt)
+                log.warning("warning: %s cannot be read back (%s); moved it to %s and trying the one before", ckpt, e, moved.name)
+            continue
+        if bad:
+            log.warning("warning: resuming from %s, the newest checkpoint that loads", ckpt)
+        return state, ckpt
+    if bad:
+        raise ReflectTuneError(f"{run.out}: no checkpoint loads ({'; '.join(bad)}); pass --overwrite to train from the start")
+    return {}, None
 
 
 def _cosine(step: int, warmup: int, total: int) -> float:

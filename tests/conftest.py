@@ -55,3 +55,70 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     exe = Path(sys.executable).with_name("reflect-tune")
     cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "reflect_tune.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# ----------------------------------------------------------------------------- small filesystems for fault tests
+
+
+def mount_reason() -> str | None:
+    """None when this process can mount a tmpfs (root, or a user namespace that allows it), else why not."""
+    import shutil
+    import tempfile
+
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        return "tmpfs mounts need Linux and the mount command"
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root (run the suite as root, e.g. in the CI container)"
+    probe = Path(tempfile.mkdtemp(prefix="rt-mount-probe-"))
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"mount -t tmpfs failed here: {r.stderr.strip()[:200]}"
+        subprocess.run(["umount", str(probe)], check=True)
+        return None
+    finally:
+        probe.rmdir()
+
+
+class Tmpfs:
+    """A tmpfs of a given size at `path` (an empty folder), unmounted on exit; `resize` grows or shrinks it."""
+
+    def __init__(self, path: Path, size: str, read_only: bool = False):
+        self.path, self.size, self.read_only = Path(path), size, read_only
+
+    def __enter__(self) -> "Tmpfs":
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={self.size}" + (",ro" if self.read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(self.path)], check=True)
+        return self
+
+    def resize(self, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path) -> Path:
+    """A folder no process of ours can write in: a read-only tmpfs as root, a 0555 folder otherwise."""
+    path = tmp_path / "readonly"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    reason = mount_reason()
+    if reason:
+        pytest.skip(f"no read-only folder can be made: {reason}")
+    with Tmpfs(path, "1m", read_only=True):
+        yield path
+
+
+def one_error_line(stderr: str) -> str:
+    """The run's error: exactly one `error:` line, no traceback. Returns it."""
+    assert "Traceback" not in stderr and "Task exception was never retrieved" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]

@@ -130,7 +130,11 @@ def test_sharegpt_takes_the_first_human_gpt_pair_and_keeps_system():
         ],
     }
     rec = normalize(row, "sharegpt", "x.json:1")
-    assert rec == Record(id="7", instruction="First question", input="", output="First answer", system="You are terse.")
+    roles = ["system", "assistant", "user", "assistant", "user", "assistant"]
+    whole = [{"role": r, "content": t["value"]} for r, t in zip(roles, row["conversations"])]
+    assert rec == Record(id="7", instruction="First question", input="", output="First answer", system="You are terse.",
+                         turns=whole)  # the pair the stages use, and every turn for convert
+    assert rec.where == "x.json:1"
 
 
 def test_messages_join_text_parts_and_keep_system():
@@ -365,7 +369,7 @@ def test_write_failures_are_one_line_errors(tmp_path):
     (tmp_path / "taken.jsonl").mkdir()
     result = invoke("convert", str(src), str(tmp_path / "taken.jsonl"))
     assert result.exit_code == 2
-    assert result.output == f"error: {tmp_path}/taken.jsonl: cannot write: Is a directory\n"
+    assert result.output == f"error: {tmp_path}/taken.jsonl: the output is a folder; give a file name\n"
 
 
 def test_outputs_get_normal_file_permissions(tmp_path):
@@ -384,7 +388,7 @@ def test_converting_a_file_onto_itself_records_the_input_hash(tmp_path):
 
     path = write_jsonl(tmp_path / "d.jsonl", [as_shape(p, "alpaca") for p in PAIRS])
     before = sha256_file(path)
-    assert invoke("convert", str(path), str(path), "--to", "messages").exit_code == 0
+    assert invoke("convert", str(path), str(path), "--to", "alpaca").exit_code == 0  # lossless: ids are added
     meta = json.loads((tmp_path / "d.jsonl.meta.json").read_text())
     assert meta["inputs"][0]["sha256"] == before != sha256_file(path)
 

@@ -153,8 +153,13 @@ def test_output_rules(tiny6, tmp_path):
         make_student(str(tiny6), 7, str(tmp_path / "too-many"))
     assert not (tmp_path / "too-many").exists()
 
-    make_student(str(tiny6), 2, str(out), overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "meta.json").is_file()
+    with pytest.raises(ReflectTuneError, match="only replaces a folder that reflect-tune make-student wrote"):
+        make_student(str(tiny6), 2, str(out), overwrite=True)  # not make-student's folder: never removed
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    make_student(str(tiny6), 2, str(out))
+    make_student(str(tiny6), 3, str(out), overwrite=True)  # its own output: replaced whole
+    assert json.loads((out / "meta.json").read_text())["kept_layers"] == [0, 2, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "s"]  # no temp or old folders left
 
 

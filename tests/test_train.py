@@ -160,7 +160,7 @@ def test_yaml_config_flags_override_and_validation(tmp_path):
     cfg = build_config(values, {"data": "d.jsonl", "output": "out", "epochs": 3, "kd_ratio": None})
     assert (cfg.epochs, cfg.kd_ratio, cfg.lr, cfg.method, cfg.packing) == (3, 0.7, 1e-3, "full", True)
     (tmp_path / "bad.yaml").write_text("model: tiny\nkd_ration: 0.5\n")
-    with pytest.raises(ReflectTuneError, match=r"bad.yaml: key 'kd_ration': unknown setting"):
+    with pytest.raises(ReflectTuneError, match=r"bad.yaml:2: key 'kd_ration': unknown setting"):
         load_config_file(tmp_path / "bad.yaml")
     with pytest.raises(ReflectTuneError, match=r"setting 'epochs': expected int, got 'two'"):
         build_config({"epochs": "two"}, {"data": "d", "output": "o", "model": "m"})
