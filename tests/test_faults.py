@@ -100,10 +100,12 @@ def scores(path: Path) -> list[tuple]:
 
 
 def assert_whole(folder: Path) -> None:
-    """Every output file under `folder` reads back: nothing half-written."""
+    """Every output under `folder` reads back: no cut file, no folder output missing its last file."""
     import pyarrow.parquet as pq
 
     for f in folder.rglob("*"):
+        if f.is_dir() and (f.suffix == ".report" or f.name == OUT_NAME["make-student"]):  # folders swapped in whole
+            assert (f / "meta.json").is_file(), f"{f}: a folder output without its meta.json (written last)"
         if f.suffix == ".parquet":
             pq.read_table(f)
         elif f.suffix == ".jsonl":
