@@ -38,7 +38,7 @@ from typing import Any
 from reflect_tune.cache import CacheFull, Reply, RequestCache, request_key
 from reflect_tune.errors import ReflectTuneError, scrub_secrets
 
-FATAL_STATUS = {400, 401, 403, 404}
+FATAL_STATUS = {401, 403, 404}  # and a 400 about a setting every request shares (bad_request_scope)
 RETRY_STATUS = {408, 409, 429}
 REJECTED = "rejected by the teacher (not retried)"  # the reason's start for a request the server refused
 MAX_RETRY_AFTER = 300.0  # seconds; a server asking for longer is capped, not obeyed blindly
@@ -188,7 +188,6 @@ class ClientStats:
     cached_completion_tokens: int = 0
     in_flight: int = 0
     waited_for_others: int = 0  # requests another process was sending: its reply was used, not paid again
-    rejected: int = 0        # requests the server refused for their content (HTTP 400 about this request)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -317,8 +316,7 @@ class TeacherClient:
         self._checked: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
         self._unexplained_400 = 0
-        self._on_wire = 0  # requests sent whose reply is not committed yet
-        self._idle: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None  # set when no request is on the wire
         self.on_update = None  # optional callback after each request finishes
 
     # -- SDK access -------------------------------------------------------------------------------
@@ -361,7 +359,7 @@ class TeacherClient:
 
     async def settle(self, timeout: float | None = None) -> None:
         """Wait until every request on the wire has answered and been committed."""
-        if self._on_wire and self._idle is not None:
+        if self.stats.in_flight and self._idle is not None:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout if timeout is not None else self.timeout + 5)
             except asyncio.TimeoutError:
@@ -520,8 +518,7 @@ class TeacherClient:
                         await self.limiter.acquire(cost_tokens)
                         self._check_stopped()  # at the last moment: a fatal answer may have come in meanwhile
                         self.stats.sent += 1
-                        self.stats.in_flight += 1
-                        self._on_wire += 1
+                        self.stats.in_flight += 1  # until its reply is committed
                         self._idle.clear()
                         try:
                             # The SDK's documented raw call: its errors, auth and transport, without
@@ -533,8 +530,7 @@ class TeacherClient:
                             reply = self._commit(key, reply)  # before anything else can happen to it
                         finally:
                             self.stats.in_flight -= 1
-                            self._on_wire -= 1
-                            if not self._on_wire:
+                            if not self.stats.in_flight:
                                 self._idle.set()
         except openai.APIStatusError as e:
             if e.status_code == 400:
@@ -565,7 +561,6 @@ class TeacherClient:
                 raise self.fatal(exc, f"request (the first {FIRST_400_LIMIT} answers were all HTTP 400)")
         if scope == "run":
             raise self.fatal(exc, "request")
-        self.stats.rejected += 1
         self.stats.failures["rejected"] += 1
         raise ApiFailed(scrub(f"{REJECTED}: {_describe(exc)}", self._api_key), "rejected", retries)
 
