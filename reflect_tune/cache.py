@@ -44,6 +44,12 @@ class CacheFull(ReflectTuneError):
     """The disk holding the request cache is full: the run stops before it sends anything more."""
 
 
+def disk_full_error(folder: Path) -> CacheFull:
+    return CacheFull(f"{folder}: the disk holding the request cache is full; stopped before sending more (the "
+                     "replies in flight were saved in the reserved space). Free some disk space, then run the same "
+                     "command again to resume")
+
+
 def _disk_full(e: BaseException) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     if code in (getattr(sqlite3, "SQLITE_FULL", 13), getattr(sqlite3, "SQLITE_IOERR", 10)):
@@ -114,17 +120,29 @@ class RequestCache:
             raise CacheFull(f"{self.folder}: cannot set aside {self.RESERVE_BYTES >> 20} MiB beside the request cache "
                             f"({e.strerror or e}); free some disk space, then run the same command again") from None
 
-    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
-        """One committed write; on a full disk, give up the reserve once and try again."""
+    def _write(self, statements: list[tuple[str, tuple]]) -> list[int]:
+        """Run the statements in one committed transaction (their row counts); on a full disk, give
+        up the reserve once and try again."""
+        def run() -> list[int]:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [self.db.execute(sql, args).rowcount for sql, args in statements]
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            return counts
+
         try:
-            return self.db.execute(sql, args)
+            return run()
         except sqlite3.OperationalError as e:
             if not _disk_full(e) or not self.reserve.exists():
                 raise CacheFull(f"{self.path}: cannot save a reply: {e}") from None
             self.reserve.unlink()
             self.full = True
             try:
-                return self.db.execute(sql, args)
+                return run()
             except sqlite3.OperationalError as e2:
                 raise CacheFull(f"{self.path}: cannot save a reply even after freeing the reserve: {e2}") from None
 
@@ -136,13 +154,14 @@ class RequestCache:
 
     def put(self, key: str, model: str, reply: Reply) -> Reply:
         """Commit `reply` unless a reply for `key` is already committed; return the committed one."""
-        cur = self._write(
-            "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, scrub_secrets(model), reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
-             time.time()),
-        )
-        self.release(key)
-        if cur.rowcount == 1:
+        # one transaction: the reply goes in (unless one is there) and this process's claim goes away
+        inserted = self._write([
+            ("INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+             (key, scrub_secrets(model), reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
+              time.time())),
+            ("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner)),
+        ])[0]
+        if inserted == 1:
             return reply
         stored = self.get(key) or reply
         stored.cached, stored.retries = False, reply.retries
@@ -166,12 +185,13 @@ class RequestCache:
                         self.db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (key, self.owner, now + self.LEASE_S))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as e:
             if _disk_full(e):
                 self.full = True
-                raise CacheFull(f"{self.path}: the disk is full ({e})") from None
+                raise disk_full_error(self.folder) from None
             raise
         return state
 
@@ -193,7 +213,7 @@ class RequestCache:
         return None if row is None else row[0]
 
     def put_failure(self, key: str, reason: str) -> None:
-        self._write("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (key, reason, time.time()))
+        self._write([("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (key, reason, time.time()))])
 
     def clear_failures(self) -> int:
         return self.db.execute("DELETE FROM failures").rowcount

@@ -35,7 +35,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from reflect_tune.cache import CacheFull, Reply, RequestCache, request_key
+from reflect_tune.cache import CacheFull, Reply, RequestCache, disk_full_error, request_key
 from reflect_tune.errors import ReflectTuneError, scrub_secrets
 
 FATAL_STATUS = {401, 403, 404}  # and a 400 about a setting every request shares (bad_request_scope)
@@ -446,8 +446,9 @@ class TeacherClient:
             est_prompt_tokens = rough_prompt_tokens(messages)
         try:
             return await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0), key)
-        finally:
+        except BaseException:  # not answered: let another process have it (a committed reply ends the claim itself)
             self.cache.release(key)
+            raise
 
     async def _claim(self, key: str) -> None:
         """Wait while another process is sending this very request; then own it (or find its reply)."""
@@ -480,9 +481,7 @@ class TeacherClient:
             self.stop(e)
             return reply
         if self.cache.full:
-            self.stop(CacheFull(f"{self.cache.folder}: the disk holding the request cache is full; stopped before "
-                                "sending more (the replies in flight were saved in the reserved space). Free some "
-                                "disk space, then run the same command again to resume"))
+            self.stop(disk_full_error(self.cache.folder))
         return reply
 
     def _wait(self, retry_state) -> float:
