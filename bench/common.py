@@ -11,7 +11,7 @@ HEADER = "# Benchmarks\n\nEvery figure names its machine and command. Ratios are
 
 
 def machine(*extras: str) -> str:
-    """'2 cores (AMD EPYC ...), 24 GiB RAM' plus any extras (library versions, threads)."""
+    """'2 cores (AMD EPYC ...; flags avx512_bf16 ...), 24 GiB RAM' plus any extras (library versions, threads)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -21,7 +21,18 @@ def machine(*extras: str) -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return ", ".join([f"{os.cpu_count()} cores ({cpu})", f"{mem:.0f} GiB RAM", *extras])
+    return ", ".join([f"{os.cpu_count()} cores ({cpu}; {cpu_flags()})", f"{mem:.0f} GiB RAM", *extras])
+
+
+def cpu_flags() -> str:
+    """The flags that decide bf16 speed on a CPU: amx_bf16 / avx512_bf16, else AVX2 only (bf16 emulated)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "flags unknown"
+    shown = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return "flags " + (" ".join(shown) if shown else "none of amx_bf16/avx512_bf16/avx2")
 
 
 def torch_line() -> str:
