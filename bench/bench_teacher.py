@@ -1,6 +1,6 @@
 """Benchmark: teacher client throughput against a local fake server with a fixed 200 ms latency.
 
-Side by side, in one run on one machine, against one `python -m reflect_tune.testing_server
+Side by side, in one run on one machine, against one `python tests/fakes/openai_server.py
 --latency 0.2` child process (its own process, so client and server do not share a GIL):
   ours       `reflect_tune.teacher.TeacherClient` (semaphore for concurrency, RateLimiter for RPM,
              SQLite request cache in a fresh temporary folder per run, so every request is sent)
@@ -50,7 +50,7 @@ class Server:
 
     def __init__(self, latency: float):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reflect_tune.testing_server", "--port", "0", "--latency", str(latency)],
+            [sys.executable, str(ROOT / "tests" / "fakes" / "openai_server.py"), "--port", "0", "--latency", str(latency)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )
         line = self.proc.stdout.readline().strip()
@@ -275,7 +275,7 @@ def render(rows: list[dict], ref: dict, command: str, loadavg: tuple, limiter_on
         f"- Machine: {machine(f'Python {platform.python_version()}', f'openai {_openai_version()}')}; load average at start {loadavg[0]:.2f} (other jobs may share the cores)",
         f"- Command: `{command}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}, {revision()}",
-        f"- Server: `python -m reflect_tune.testing_server --latency {LATENCY}` in its own process; every request "
+        f"- Server: `python tests/fakes/openai_server.py --latency {LATENCY}` in its own process; every request "
         "has distinct content, so none is a cache hit; the client's `GET /models` check runs before the clock.",
         "- req/s = requests / client wall time. Ideal = min(concurrency / 0.2 s, RPM / 60). "
         "\"vs reference\" divides by the reference pattern's req/s from the same run. Max in flight is counted "

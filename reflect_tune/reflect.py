@@ -50,6 +50,21 @@ PROMPT_FILES = {
     "response_input": ("response_input.txt", ("instruction", "input", "output"), ("BETTER ANSWER", "END")),
     "reask": ("reask.txt", ("problem", "layout"), ()),
 }
+# The marker format, owned here (the test server asks this module for it): `[[NAME]]` in a prompt
+# file, `[[NAME TAG]]` in a request and its reply, TAG being 8 hex characters chosen per request.
+MARKER = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)(?: ([0-9a-f]{6,16}))?\]\]")
+
+
+def marker(name: str, tag: str = "") -> str:
+    """`[[NAME TAG]]`, or `[[NAME]]` without a tag (as written in the prompt files)."""
+    return f"[[{name} {tag}]]" if tag else f"[[{name}]]"
+
+
+def block(name: str, text: str, tag: str = "") -> str:
+    """One block of a reply: the start marker, the text, the end marker, on their own lines."""
+    return f"{marker(name, tag)}\n{text}\n{marker('END', tag)}"
+
+
 _TOKEN = re.compile(r"\{(instruction|input|output|problem|layout)\}|\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)\]\]")
 _GENERIC_PLACEHOLDERS = {
     "your instruction", "your new instruction", "your answer", "your new answer", "your better answer",
@@ -143,9 +158,9 @@ def load_prompts(folder: str | None = None) -> Prompts:
         for placeholder in needs:
             if "{" + placeholder + "}" not in text:
                 raise ReflectTuneError(f"{where}: prompt lacks the placeholder {{{placeholder}}}")
-        for marker in markers:
-            if f"[[{marker}]]" not in text:
-                raise ReflectTuneError(f"{where}: prompt lacks the marker [[{marker}]]")
+        for name_ in markers:
+            if marker(name_) not in text:
+                raise ReflectTuneError(f"{where}: prompt lacks the marker {marker(name_)}")
         for m in re.finditer(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER)\]\](.*?)\[\[END\]\]", text, re.S):
             placeholders.add(_normalize(m.group(2)))  # the layout example's filler text
         texts[name], sources[name] = text.strip("\n"), where
@@ -160,7 +175,7 @@ def render(template: str, values: dict[str, str], tag: str) -> str:
     def fill(m: re.Match) -> str:
         if m.group(1):
             return values.get(m.group(1), m.group(0))
-        return f"[[{m.group(2)} {tag}]]"
+        return marker(m.group(2), tag)
 
     return _TOKEN.sub(fill, template)
 
@@ -176,7 +191,7 @@ def choose_tag(*texts: str) -> str:
 
 
 def layout(names: tuple[str, ...], tag: str) -> str:
-    return "\n".join(f"[[{n} {tag}]]\n(the {n.lower()})\n[[END {tag}]]" for n in names)
+    return "\n".join(block(n, f"(the {n.lower()})", tag) for n in names)
 
 
 def parse_blocks(text: str, names: tuple[str, ...], tag: str, placeholders: set[str],
@@ -187,14 +202,14 @@ def parse_blocks(text: str, names: tuple[str, ...], tag: str, placeholders: set[
     ends at `[[END tag]]` or at the next tagged start marker; a missing end is accepted only when
     the reply ended naturally (not cut at max_tokens). Returns (blocks, None) or (None, problem).
     """
-    end, out = f"[[END {tag}]]", {}
+    end, out = marker("END", tag), {}
     for name in names:
-        start = f"[[{name} {tag}]]"
+        start = marker(name, tag)
         i = text.rfind(start)
         if i < 0:
             return None, f"no {start} marker"
         body_start = i + len(start)
-        stops = [j for j in (text.find(m, body_start) for m in [end] + [f"[[{n} {tag}]]" for n in START_MARKERS]) if j >= 0]
+        stops = [j for j in (text.find(m, body_start) for m in [end] + [marker(n, tag) for n in START_MARKERS]) if j >= 0]
         if not stops and finish_reason == "length":
             return None, f"no {end} marker after {start} (the reply hit --max-tokens)"
         body = text[body_start:min(stops)] if stops else text[body_start:]
@@ -655,7 +670,7 @@ def dry_run(config: ReflectConfig, records, prompts: Prompts, cache: RequestCach
     for body in bodies:
         n = count_messages(body["messages"])
         last = body["messages"][-1]["content"]
-        is_ins = "[[NEW INSTRUCTION " in last
+        is_ins = any(m.group(1) == "NEW INSTRUCTION" for m in MARKER.finditer(last))
         kinds["ins" if is_ins else "res"] += 1
         data = max(count_text(last) - empty["instruction" if is_ins else "response"], 0)
         prompt_tokens += n

@@ -40,7 +40,7 @@ def bundled_dir(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(bundled_dir, tmp_path_factory) -> Path:
     """A seeded 2-layer, 64-wide random Llama with the SmolLM2 tokenizer."""
-    from reflect_tune.testing import make_tiny_llama
+    from fakes.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), bundled_dir)
 

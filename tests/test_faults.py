@@ -31,7 +31,7 @@ import pytest
 import yaml
 from conftest import Tmpfs, mount_reason, one_error_line, write_jsonl
 
-from reflect_tune.testing_server import FakeOpenAI
+from fakes.openai_server import FakeOpenAI
 
 pytestmark = pytest.mark.slow
 

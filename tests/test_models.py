@@ -54,7 +54,7 @@ def test_local_folder_loads_in_fp32_on_cpu_by_default(tiny_model_dir):
 
 
 def test_tiny_model_is_seeded_and_shares_the_tokenizer(tiny_model_dir, bundled_dir, tmp_path):
-    from reflect_tune.testing import make_tiny_llama
+    from fakes.tiny import make_tiny_llama
 
     twin = make_tiny_llama(tmp_path / "twin", bundled_dir)
     a, b = load_model(str(tiny_model_dir), device="cpu"), load_model(str(twin), device="cpu")

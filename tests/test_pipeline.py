@@ -17,7 +17,7 @@ import yaml
 from conftest import run_cli, write_jsonl
 from reflect_tune.errors import ReflectTuneError
 from reflect_tune.pipeline import load_pipeline, plan, stage_key
-from reflect_tune.testing_server import FakeOpenAI
+from fakes.openai_server import FakeOpenAI
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROWS = [json.loads(x) for x in (EXAMPLES / "alpaca_small.jsonl").read_text().splitlines()]

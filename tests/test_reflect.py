@@ -1,6 +1,6 @@
 """`reflect-tune reflect` end to end, through the real openai SDK, against real local HTTP servers.
 
-The fault-injecting server is `reflect_tune.testing_server.FakeOpenAI` (HTTP level: 429 with
+The fault-injecting server is `tests/fakes/openai_server.py`'s `FakeOpenAI` (HTTP level: 429 with
 Retry-After, 5xx, stalls past the timeout, dropped connections, garbage and marker-injected
 text, the Files and Batches APIs). The command runs as a child process, as a user runs it.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from conftest import run_cli, write_jsonl
-from reflect_tune.testing_server import FakeOpenAI
+from fakes.openai_server import FakeOpenAI
 
 KEY = "sk-leakcheck-9f8e7d6c5b4a3210"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "alpaca_small.jsonl"

@@ -20,7 +20,7 @@ from conftest import one_error_line, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 from reflect_tune.cli import app
-from reflect_tune.testing_server import FakeOpenAI
+from fakes.openai_server import FakeOpenAI
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROWS = [json.loads(x) for x in (EXAMPLES / "alpaca_small.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from reflect_tune.errors import ReflectTuneError
 from reflect_tune.student import layer_indices, make_student
-from reflect_tune.testing import make_tiny_llama
+from fakes.tiny import make_tiny_llama
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 

@@ -45,7 +45,7 @@ def tok(tiny_model_dir):
 @pytest.fixture(scope="module")
 def padded_teacher_dir(bundled_dir, tmp_path_factory) -> Path:
     """A different tiny Llama (wider, seed 1) whose output vocabulary is padded by 128 rows."""
-    from reflect_tune.testing import make_tiny_llama
+    from fakes.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("teacher"), bundled_dir, hidden=96, heads=4, seed=1,
                            vocab_size=49152 + 128, tie_word_embeddings=False)
@@ -310,7 +310,7 @@ def test_two_process_gloo_run_equals_one_process_with_double_accumulation(tiny_m
     """torchrun, 2 CPU ranks on gloo, full fine-tune with KD: the same weights as one process
     accumulating the same micro-batches (token-normalized across ranks). The student's output
     layer is untied, so DDP must sync a weight used only by the chunked loss, outside forward."""
-    from reflect_tune.testing import make_tiny_llama
+    from fakes.tiny import make_tiny_llama
 
     student = make_tiny_llama(tmp_path / "student", tiny_model_dir, tie_word_embeddings=False, seed=2)
     common = ["--model", str(student), "--full", "--batch-size", "2", "--max-length", "128", "--max-steps", "3",
@@ -335,7 +335,7 @@ def test_two_process_gloo_run_equals_one_process_with_double_accumulation(tiny_m
 
 @pytest.mark.slow
 def test_bundled_135m_teacher_distills_into_a_small_student(bundled_dir, tmp_path):
-    from reflect_tune.testing import make_tiny_llama
+    from fakes.tiny import make_tiny_llama
 
     student = make_tiny_llama(tmp_path / "student", bundled_dir, layers=2, hidden=128, heads=4, intermediate=256)
     out = tmp_path / "out"

@@ -1,16 +1,17 @@
-"""A fake OpenAI-compatible HTTP server for tests and benchmarks (standard library only).
+"""A fake OpenAI-compatible HTTP server for tests and benchmarks (the standard library, and the
+marker format from reflect_tune.reflect, which owns it).
 
 `FakeOpenAI` serves /v1/models, /v1/chat/completions, the Files and the Batches APIs from its own
-asyncio loop in a daemon thread; `python -m reflect_tune.testing_server` does the same in a child
+asyncio loop in a daemon thread; `python tests/fakes/openai_server.py` does the same in a child
 process after printing one line `READY <base_url>`.
 
 Replies are deterministic. Let `last` be the text of the last user message, `h` the first 8 hex of
-sha256(last), `tag` the tag (with its leading space, or "") of the LAST `[[NAME TAG]]` marker in
+sha256(last), `tag` the tag (or "" when untagged) of the LAST `[[NAME TAG]]` marker in
 `last`, and `D` the space-joined, de-duplicated `FAULT:...` directives of all messages (so they
 propagate into rewritten instructions). A NEW INSTRUCTION marker in `last` gives "Analysis of the
 pair." + blocks NEW INSTRUCTION "Improved instruction {h} {D}" and NEW ANSWER "Improved answer {h}";
 else a BETTER ANSWER marker gives "Critique of the answer." + block BETTER ANSWER "Better answer
-{h}"; else the reply is "Echo: " + last[:200]. A block is "\n[[NAME{tag}]]\n<text>\n[[END{tag}]]".
+{h}"; else the reply is "Echo: " + last[:200]. A block is "\n" + `reflect.block(NAME, text, tag)`.
 
 Fault directives are `FAULT:<kind>` or `FAULT:<kind>:<n>` anywhere in any message; unknown kinds
 are ignored. Every request body has a key (sha256 of its canonical JSON) with an attempt counter
@@ -69,12 +70,13 @@ import threading
 import time
 from http import HTTPStatus
 
+from reflect_tune.reflect import MARKER, block, marker
+
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 MAX_BATCH_LINES = 50_000
 MAX_BODY = 256 * 1024 * 1024
 BATCH_ENDPOINT = "/v1/chat/completions"
 
-MARKER_RE = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)((?: [0-9a-f]{6,16})?)\]\]")
 FAULT_RE = re.compile(r"FAULT:([A-Za-z0-9_]+(?:-once)?)(?::(\d+))?")
 ERROR_KINDS = {
     400: ("invalid_request_error", "invalid_request"), 401: ("invalid_request_error", "invalid_api_key"),
@@ -132,7 +134,7 @@ def build_reply(messages: list, content_fault: str | None = None) -> str:
     """The assistant text for `messages`, optionally spoiled by a content fault (see module doc)."""
     msgs = [m for m in messages if isinstance(m, dict)]
     last = next((content_text(m.get("content")) for m in reversed(msgs) if m.get("role") == "user"), "")
-    found = MARKER_RE.findall(last)
+    found = MARKER.findall(last)  # the marker format is reflect.py's: (name, tag) pairs
     tag = found[-1][1] if found else ""
     names = {name for name, _ in found}
     h = hashlib.sha256(last.encode()).hexdigest()[:8]
@@ -150,13 +152,13 @@ def build_reply(messages: list, content_fault: str | None = None) -> str:
     if content_fault in BLANK_TEXT:
         blocks = [(name, BLANK_TEXT[content_fault]) for name, _ in blocks]
         pre = pre if blocks else BLANK_TEXT[content_fault]
-    reply = pre + "".join(f"\n[[{name}{tag}]]\n{text}\n[[END{tag}]]" for name, text in blocks)
+    reply = pre + "".join("\n" + block(name, text, tag) for name, text in blocks)
     if content_fault == "inject":
-        wrong = " ffffff" if tag == " 000000" else " 000000"
+        wrong = "ffffff" if tag == "000000" else "000000"
         first = blocks[0][0] if blocks else "BETTER ANSWER"
-        reply = ("Draft notes: [[BETTER ANSWER]] decoy [[END]] [[NEW INSTRUCTION]] decoy [[END]] [[NEW ANSWER]] decoy"
-                 f" [[END]]\n[[BETTER ANSWER{wrong}]] decoy [[END{wrong}]] [[NEW INSTRUCTION{wrong}]] decoy [[END{wrong}]]"
-                 f"\n[[{first}{tag}]]\ndecoy draft that is never closed\n") + reply
+        untagged = " ".join(f"{marker(n)} decoy {marker('END')}" for n in ("BETTER ANSWER", "NEW INSTRUCTION", "NEW ANSWER"))
+        misfit = " ".join(f"{marker(n, wrong)} decoy {marker('END', wrong)}" for n in ("BETTER ANSWER", "NEW INSTRUCTION"))
+        reply = f"Draft notes: {untagged}\n{misfit}\n{marker(first, tag)}\ndecoy draft that is never closed\n" + reply
     return reply
 
 
@@ -644,7 +646,7 @@ async def _read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: serve until SIGTERM/SIGINT after printing `READY <base_url>`."""
-    p = argparse.ArgumentParser(prog="python -m reflect_tune.testing_server", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tests/fakes/openai_server.py", description=__doc__.split("\n")[0])
     for flag, typ, default in (("--host", str, "127.0.0.1"), ("--port", int, 0), ("--latency", float, 0.0),
                                ("--stall-seconds", float, 30.0), ("--batch-polls", int, 2), ("--seed", int, 0)):
         p.add_argument(flag, type=typ, default=default)

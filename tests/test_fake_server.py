@@ -11,12 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
 
-from reflect_tune import testing_server as ts
-from reflect_tune.testing_server import FakeOpenAI
+from fakes import openai_server as ts
+from fakes.openai_server import FakeOpenAI
 
 TAG = " 1a2b3c4d"
 
@@ -380,7 +381,7 @@ def test_async_concurrency_and_stats():
 
 def test_cli_subprocess():
     env = {**os.environ, "FAKE_KEY": "sk-cli-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "reflect_tune.testing_server", "--port", "0", "--latency", "0",
+    proc = subprocess.Popen([sys.executable, str(Path(ts.__file__)), "--port", "0", "--latency", "0",
                              "--api-key-env", "FAKE_KEY", "--batch-polls", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
