@@ -84,7 +84,7 @@ def reference_scores(spec: str, src: Path, device: str = "cpu") -> tuple[dict, f
     import torch
 
     from reflect_tune.score import build_passes, open_scorer
-    from reflect_tune.selection import load_candidates
+    from reflect_tune.records import load_candidates
 
     started = time.perf_counter()
     scorer = open_scorer(spec, dtype="float32", device=device)
@@ -113,7 +113,8 @@ def reference_scores(spec: str, src: Path, device: str = "cpu") -> tuple[dict, f
 
 
 def run_select_timed(spec: str, src: Path, dtype: str, out_dir: Path, device: str = "cpu") -> tuple[list[dict], float, dict]:
-    from reflect_tune.selection import SelectConfig, run_select
+    from reflect_tune.config import SelectConfig
+    from reflect_tune.selection import run as run_select
 
     started = time.perf_counter()
     result = run_select(SelectConfig(input=str(src), output=str(out_dir / "selected.jsonl"), model=spec, top=0.1,

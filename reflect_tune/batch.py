@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from typing import Any
 from reflect_tune.artifacts import atomic_write_text
 from reflect_tune.errors import ReflectTuneError
 from reflect_tune.teacher import FatalApiError, reply_from_json, scrub
+
+log = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1000 * 1000
@@ -113,7 +115,7 @@ def _submit(sdk, pending: dict[str, dict], job: _Job, key: str, api_key: str | N
             entry["batch_id"], entry["status"] = batch.id, batch.status
             job.save()
             submitted += entry["requests"]
-            print(f"batch {batch.id}: created for {entry['requests']} requests ({entry['file']})", file=sys.stderr)
+            log.info(f"batch {batch.id}: created for {entry['requests']} requests ({entry['file']})")
     return submitted
 
 
@@ -131,12 +133,12 @@ def _poll(sdk, job: _Job, config, api_key: str | None) -> bool:
                 raise FatalApiError(f"Batch API: batch {batch.id} ({entry['file']}) failed validation: {detail}")
             counts = getattr(batch, "request_counts", None)
             done = f" {counts.completed + counts.failed}/{counts.total}" if counts else ""
-            print(f"batch {batch.id}: {batch.status}{done}", file=sys.stderr)
+            log.info(f"batch {batch.id}: {batch.status}{done}")
         job.save()
         if all(e["status"] in TERMINAL for e in job.entries):
             return True
         if config.no_wait:
-            print(f"batches are still running; rerun the same command to collect ({job.folder})", file=sys.stderr)
+            log.info(f"batches are still running; rerun the same command to collect ({job.folder})")
             return False
         time.sleep(config.poll_interval)
 
@@ -201,7 +203,7 @@ def run_batches(config, records, prompts, client, api_key: str | None, walk) -> 
             checked = True
         key = job_key(pending)
         job = _Job(client.cache.folder / "batches" / key)
-        print(f"Batch API round: {len(pending)} requests (job {key})", file=sys.stderr)
+        log.info(f"Batch API round: {len(pending)} requests (job {key})")
         client.stats.sent += _submit(sdk, pending, job, key, api_key)
         if not _poll(sdk, job, config, api_key):
             return False

@@ -125,7 +125,7 @@ def inspect(
 
     [bold]Example[/bold]: reflect-tune inspect examples/alpaca_small.jsonl --model bundled:smollm2-135m-instruct
     """
-    from reflect_tune.data import inspect_records
+    from reflect_tune.records import inspect_records
 
     with user_errors():
         info = inspect_records(
@@ -171,7 +171,7 @@ def _print_inspect(info: dict) -> None:
 def convert(
     src: Annotated[str, typer.Argument(help="Input data, in any supported shape and container.")],
     dst: Annotated[Path, typer.Argument(help="Output file: .jsonl, .json or .parquet.")],
-    to: Annotated[OutFormat, typer.Option("--to", "-t", help="Record shape to write.")] = OutFormat.alpaca,
+    to: Annotated[OutFormat, typer.Option("--to", help="Record shape to write.")] = OutFormat.alpaca,
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
     drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop records with an empty instruction or output (counted).")] = False,
@@ -186,7 +186,7 @@ def convert(
     [bold]Example[/bold]: reflect-tune convert data/alpaca.json data/train.parquet --to messages
     """
     from reflect_tune.artifacts import check_output_file, provenance, same_path, write_meta
-    from reflect_tune.data import conversion_loss, load_records, write_records
+    from reflect_tune.records import conversion_loss, load_records, write_records
 
     with user_errors():
         check_output_file(dst, flag="the output")
@@ -226,11 +226,11 @@ def reflect(
     ] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="Name of the environment variable that holds the API key.")] = "OPENAI_API_KEY",
     stages: Annotated[str, typer.Option("--stages", help="Comma-separated: instruction, response (both: three calls per record).")] = "instruction,response",
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Requests in flight at once.")] = 16,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight at once.")] = 16,
     rpm: Annotated[Optional[int], typer.Option("--rpm", min=1, help="Requests per minute, never exceeded.")] = None,
     tpm: Annotated[Optional[int], typer.Option("--tpm", min=1, help="Tokens per minute (prompt + max completion), never exceeded.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Completion token cap per request.")] = 2048,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (the reference uses 0).")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="The teacher's sampling temperature (the reference uses 0).")] = 0.0,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests, tokens and cost; send nothing.")] = False,
     batch_api: Annotated[bool, typer.Option("--batch-api", help="Use the OpenAI Batch API (half price, up to 24 h).")] = False,
@@ -256,7 +256,8 @@ def reflect(
 
     [bold]Example[/bold]: reflect-tune reflect data.jsonl -o reflected.jsonl --model gpt-4o-mini --rpm 500 --dry-run
     """
-    from reflect_tune.reflect import ReflectConfig, run_reflect
+    from reflect_tune import reflect as stage
+    from reflect_tune.config import ReflectConfig
 
     with user_errors():
         config = ReflectConfig(
@@ -269,7 +270,46 @@ def reflect(
             price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
             split=split, dedupe=dedupe, progress=not no_progress,
         )
-        run_reflect(config)
+        result = stage.run(config)
+    _print_reflect(result, config)
+
+
+def _print_reflect(result, config) -> None:
+    """The dry-run plan, or the run's summary (stderr) and the line naming the output (stdout)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    s = result.summary
+    if result.status == "planned":
+        cost = "unknown (pass --price-in/--price-out)" if s["est_cost_usd"] is None else f"${s['est_cost_usd']:.4f}"
+        typer.echo(f"dry run: {s['records']} records -> {s['requests']} requests to send ({s['instruction_requests']} "
+                   f"instruction, {s['response_requests']} response reflections; {s['cached_requests']} already cached)\n"
+                   f"  prompt tokens: {s['prompt_tokens']} ({s['token_counting']})\n"
+                   f"  completion tokens (estimate, capped at --max-tokens {config.max_tokens}): {s['est_completion_tokens']}\n"
+                   f"  estimated cost: {cost} [{s['price_source']}]\n"
+                   f"  not included: re-asks of unusable replies (one per parse failure)")
+        return
+    if result.status == "submitted":
+        typer.echo("Batch API: submitted; run the same command again to collect the results", err=True)
+        return
+    cost_text = "unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.4f}"
+    fails = ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_kind"].items())) or "none"
+    console.print(
+        f"[bold]reflect[/bold]: {s['records']} records -> {result.output}\n"
+        f"  requests: {s['requests_answered']} answered, {s['requests_cached']} from cache, "
+        f"{s['requests_sent']} sent, {s['retries']} retries\n"
+        f"  failures: {fails}\n"
+        f"  tokens: {s['prompt_tokens']} prompt + {s['completion_tokens']} completion "
+        f"(cost {cost_text}; {s['price_source']})\n"
+        f"  wall time: {s['wall_s']:.1f} s",
+        soft_wrap=True, highlight=False,
+    )
+    for line in result.refused[:5]:
+        console.print(f"  refused: {line}", soft_wrap=True, highlight=False, markup=False)
+    if len(result.refused) > 5:
+        console.print(f"  refused: {len(result.refused) - 5} more (see the reasons in {result.output})",
+                      highlight=False, markup=False)
+    typer.echo(f"wrote {s['records']} records to {result.output}")
 
 
 class ScoreTemplate(str, Enum):
@@ -319,7 +359,7 @@ def score(
     input: Annotated[str, typer.Argument(help="Reflect output JSONL (every ok variant is scored) or plain instruction data.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="scores.parquet: one row per (record, variant) (docs/FORMATS.md §8.2).")],
     model: Annotated[str, typer.Option("--model", "-m", help="The student that scores: bundled name, .gguf, HF folder or hub id.")],
-    template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP)] = ScoreTemplate.auto,
+    template: Annotated[ScoreTemplate, typer.Option("--template", help=_TEMPLATE_HELP)] = ScoreTemplate.auto,
     dtype: DtypeOpt = ScoreDtype.auto,
     batch_tokens: BatchTokensOpt = None,
     max_length: MaxLengthOpt = 2048,
@@ -336,7 +376,9 @@ def score(
 
     [bold]Example[/bold]: reflect-tune score reflected.jsonl -o scores.parquet --model bundled:smollm2-135m-instruct --dtype bfloat16
     """
-    from reflect_tune.score import REVERSE_DEFAULT, ScoreConfig, run_score
+    from reflect_tune import score as stage
+    from reflect_tune.config import ScoreConfig
+    from reflect_tune.templates import REVERSE_DEFAULT
 
     with user_errors():
         config = ScoreConfig(
@@ -346,7 +388,7 @@ def score(
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
             resume=not no_resume,
         )
-        result = run_score(config)
+        result = stage.run(config)
     if result.rows and _is_main_process():
         undefined = sum(1 for r in result.rows if r["reason"])
         typer.echo(
@@ -370,7 +412,7 @@ def select(
     method: Annotated[Optional[SelectMethod], typer.Option("--method", help="srt (default on reflect output), ifd (default on plain data), rifd, superfilter.")] = None,
     proxy_model: Annotated[Optional[str], typer.Option("--proxy-model", help="With --method superfilter: the small model that scores IFD.")] = None,
     missing_response: Annotated[MissingResponse, typer.Option("--missing-response", help="srt: a pair whose response reflection is not ok is dropped (the reference) or kept with its own answer.")] = MissingResponse.drop,
-    template: Annotated[ScoreTemplate, typer.Option("--template", "-t", help=_TEMPLATE_HELP + " superfilter: none.")] = ScoreTemplate.auto,
+    template: Annotated[ScoreTemplate, typer.Option("--template", help=_TEMPLATE_HELP + " superfilter: none.")] = ScoreTemplate.auto,
     dtype: DtypeOpt = ScoreDtype.auto,
     batch_tokens: BatchTokensOpt = None,
     max_length: MaxLengthOpt = 2048,
@@ -385,8 +427,9 @@ def select(
 
     [bold]Example[/bold]: reflect-tune select reflected.jsonl -o selected.jsonl --model bundled:smollm2-135m-instruct --top 0.1
     """
-    from reflect_tune.score import REVERSE_DEFAULT
-    from reflect_tune.selection import SelectConfig, run_select
+    from reflect_tune import selection as stage
+    from reflect_tune.config import SelectConfig
+    from reflect_tune.templates import REVERSE_DEFAULT
 
     with user_errors():
         if top is not None and top_k is not None:
@@ -400,7 +443,7 @@ def select(
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
             resume=not no_resume,
         )
-        result = run_select(config)
+        result = stage.run(config)
     if _is_main_process():
         s = result.summary
         typer.echo(
@@ -431,83 +474,87 @@ class Template(str, Enum):
 @app.command()
 def train(
     data: Annotated[Optional[str], typer.Argument(help="Training data: select's selected.jsonl or any supported data file.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (docs/FORMATS.md §8.4).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", "--output-dir", help="Output folder (docs/FORMATS.md §8.4).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The student: bundled:NAME, an HF folder, a .gguf or a hub id.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with the same keys as these flags (kd_ratio or kd-ratio); flags override it.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys as these flags (kd_ratio or kd-ratio; Hugging Face names too); flags override it.")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (the default).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="LoRA on a 4-bit base (needs CUDA and bitsandbytes).")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune of every weight.")] = False,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the data. Default: 1.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate. Default: 2e-4 LoRA, 2e-5 full.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences (or packed rows) per micro-batch. Default: 4.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step, per process. Default: 4.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "--num-train-epochs", min=1, help="Passes over the data. Default: 1.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", min=0.0, help="Peak learning rate. Default: 2e-4 LoRA, 2e-5 full.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "--per-device-train-batch-size", min=1, help="Sequences (or packed rows) per micro-batch. Default: 4.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", "--gradient-accumulation-steps", min=1, help="Micro-batches per optimizer step, per process. Default: 4.")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Tokens per sequence (packed row); longer examples are cut. Default: 1024.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack several examples per row, attention kept within each. Default: no.")] = None,
     template: Annotated[Optional[Template], typer.Option("--template", help="Prompt format; loss on the response only. Default: chat.")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model for logit distillation; must share the student's tokenizer.")] = None,
     kd_ratio: Annotated[Optional[float], typer.Option("--kd-ratio", min=0.0, max=1.0, help="Weight of the KD term: (1-r)·CE + r·T²·D. Default: 0.5.")] = None,
     kd_loss: Annotated[Optional[KdLoss], typer.Option("--kd-loss", help="Divergence D(teacher‖student). Default: forward_kl.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Softmax temperature T of both models in the KD term. Default: 1.0.")] = None,
+    kd_temperature: Annotated[Optional[float], typer.Option("--kd-temperature", min=0.0, help="Softmax temperature T of both models in the KD term. Default: 1.0.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", min=0.0, max=1.0, help="JSD β (0: forward KL, 1: reverse KL). Default: 0.5.")] = None,
     skew_alpha: Annotated[Optional[float], typer.Option("--skew-alpha", min=0.0, max=1.0, help="Skew α of skew_kl / skew_rkl (DistiLLM). Default: 0.1.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint in the output folder.")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Checkpoint every N optimizer steps; 0: never. Default: 500.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", "--save-steps", min=0, help="Checkpoint every N optimizer steps; 0: never. Default: 500.")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", "--save-total-limit", min=1, help="Checkpoints kept, newest first. Default: 2.")] = None,
     merge: Annotated[Optional[bool], typer.Option("--merge", help="With LoRA/QLoRA: also write OUTDIR/merged, a full model.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and initialization. Default: 42.")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an output folder this command wrote before (only its own files).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Instruction-tune a student (LoRA, QLoRA or full), optionally distilling a teacher's token distributions.
 
     More settings (LoRA rank, warmup, weight decay, precision, ...) go in the --config YAML; see docs/FORMATS.md §8.4.
+    The Hugging Face names are accepted too: --learning-rate, --num-train-epochs, --per-device-train-batch-size,
+    --gradient-accumulation-steps, --output-dir, --save-steps, --save-total-limit.
     Runs under [cyan]accelerate launch[/cyan] or [cyan]torchrun[/cyan] for data parallelism.
 
     [bold]Example[/bold]: reflect-tune train selected.jsonl -o out/student --model bundled:smollm2-135m-instruct --full --teacher big-teacher/ --kd-ratio 0.5
     """
-    from reflect_tune.train import build_config, load_config_file, run_train
+    from reflect_tune import train as stage
+    from reflect_tune.config import TrainConfig, from_values, train_config_file
 
     with user_errors():
         methods = [name for name, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
         if len(methods) > 1:
             raise ReflectTuneError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in methods)})")
-        file_values = load_config_file(config) if config else {}
-        cfg = build_config(file_values, {
-            "data": data, "output": str(output) if output else None, "model": model,
-            "method": methods[0] if methods else None, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "grad_accum": grad_accum, "max_length": max_length, "packing": packing,
-            "template": template.value if template else None, "teacher": teacher, "kd_ratio": kd_ratio,
-            "kd_loss": kd_loss.value if kd_loss else None, "temperature": temperature, "beta": beta,
-            "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every, "merge": merge,
-            "max_steps": max_steps, "seed": seed, "overwrite": overwrite, "progress": False if no_progress else None,
-        })
-        summary = run_train(cfg)
+        flags = {"data": data, "output": str(output) if output else None, "model": model,
+                 "method": methods[0] if methods else None, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                 "grad_accum": grad_accum, "max_length": max_length, "packing": packing,
+                 "template": template.value if template else None, "teacher": teacher, "kd_ratio": kd_ratio,
+                 "kd_loss": kd_loss.value if kd_loss else None, "kd_temperature": kd_temperature, "beta": beta,
+                 "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every,
+                 "keep_checkpoints": keep_checkpoints, "merge": merge, "max_steps": max_steps, "seed": seed,
+                 "overwrite": overwrite, "progress": False if no_progress else None}
+        file_values = train_config_file(config) if config else {}
+        cfg = from_values(TrainConfig, {**file_values, **{k: v for k, v in flags.items() if v is not None}})
+        summary = stage.run(cfg)
     if summary.get("is_main", True):
         typer.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} target tokens "
                    f"(final loss {summary['final_loss']}); wrote {cfg.output}")
 
 
-
 @app.command("make-student")
 def make_student(
-    source: Annotated[str, typer.Option("--from", help="The teacher to cut down: bundled:NAME, an HF folder, a .gguf or a hub id.")],
+    teacher: Annotated[str, typer.Option("--teacher", help="The model to cut down: bundled:NAME, an HF folder, a .gguf or a hub id.")],
     layers: Annotated[int, typer.Option("--layers", min=1, help="Decoder layers the student keeps (every k-th of the teacher's).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: an HF model folder with the teacher's tokenizer.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output folder make-student wrote before.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder.")] = False,
 ) -> None:
     """Make a smaller student from a teacher, DistilBERT-style: keep every k-th decoder layer, with the
     teacher's embeddings, final norm, output layer and tokenizer, so the two share a vocabulary for KD.
 
-    [bold]Example[/bold]: reflect-tune make-student --from bundled:smollm2-135m-instruct --layers 10 -o models/student-10l
+    [bold]Example[/bold]: reflect-tune make-student --teacher bundled:smollm2-135m-instruct --layers 10 -o models/student-10l
     """
-    from reflect_tune.student import make_student as run_make_student
+    from reflect_tune import student as stage
+    from reflect_tune.config import StudentConfig
 
     with user_errors():
-        summary = run_make_student(source, layers, str(output), overwrite=overwrite, trust_remote_code=trust_remote_code)
+        summary = stage.run(StudentConfig(teacher=teacher, layers=layers, output=str(output), overwrite=overwrite,
+                                          trust_remote_code=trust_remote_code))
     typer.echo(f"kept layers {summary['kept_layers']} of {summary['teacher_layers']} "
                f"({summary['parameters']:,} parameters); wrote {output}")
-
 
 
 class StageName(str, Enum):

@@ -1,4 +1,13 @@
-"""Reading YAML config files (a pipeline file, `train --config`) so that every mistake is one line.
+"""Every stage's settings, and reading them from a YAML file or flags so that every mistake is one line.
+
+One keyword-only dataclass per stage: `ReflectConfig`, `ScoreConfig`, `SelectConfig`,
+`TrainConfig`, `StudentConfig`. The CLI and the pipeline build them the same way, with
+`from_values(cls, values)`: unknown keys, wrong types and renamed keys are `SettingError`s that
+name the setting (the pipeline adds FILE:LINE), types come from the annotations, an int is
+taken for a float, a list for a tuple. Train also takes the names Hugging Face users type
+(`learning_rate`, `num_train_epochs`, ... see `TRAIN_ALIASES`); the docs use ours.
+
+Each stage checks its own values in its `validate(cfg)`; this module knows only types.
 
 `load_yaml(path)` returns the parsed mapping and the line of each key (`"key"` and
 `"section.key"`, `-` read as `_`), and refuses, naming the file and line:
@@ -12,13 +21,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
 from reflect_tune.artifacts import special_kind
 from reflect_tune.errors import ReflectTuneError, clip
+from reflect_tune.templates import REVERSE_DEFAULT
 
 MAX_VALUES = 10_000  # nodes after alias expansion; a hand-written config has a few hundred
 MAX_INT_DIGITS = 4000
@@ -124,3 +138,289 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     finally:
         loader.dispose()
     return data, _line_map(root)
+
+
+# ----------------------------------------------------------------------------- the stages' settings
+
+
+@dataclass(kw_only=True)
+class ReflectConfig:
+    """`reflect-tune reflect`: the teacher rewrites every pair (reflect.py)."""
+
+    input: str
+    output: str
+    model: str
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    stages: tuple[str, ...] = ("instruction", "response")
+    concurrency: int = 16
+    rpm: Optional[int] = None
+    tpm: Optional[int] = None
+    max_tokens: int = 2048
+    temperature: float = 0.0  # the teacher's sampling temperature (the reference uses 0)
+    top_p: float = 1.0
+    limit: Optional[int] = None
+    dry_run: bool = False
+    batch_api: bool = False
+    no_wait: bool = False
+    poll_interval: float = 30.0
+    retry_failed: bool = False
+    reask: bool = True  # re-ask once when a reply cannot be parsed (off: record parse_failed at once)
+    prompts: Optional[str] = None
+    cache_dir: Optional[str] = None
+    timeout: float = 120.0
+    max_retries: int = 6
+    backoff: float = 1.0
+    price_in: Optional[float] = None
+    price_out: Optional[float] = None
+    tokenizer: Optional[str] = None
+    format: Optional[str] = None
+    split: Optional[str] = None
+    dedupe: bool = False  # drop records whose id was already seen (counted) instead of failing
+    progress: bool = True
+
+    def params(self) -> dict[str, Any]:
+        """Generation parameters: part of every request and of its cache key."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """`reflect-tune score`: IFD and r-IFD of every candidate (score.py)."""
+
+    input: str
+    output: str
+    model: str
+    template: str = "auto"
+    dtype: str = "auto"
+    batch_tokens: Optional[int] = None
+    max_length: int = 2048
+    only: Optional[str] = None  # "ifd" | "rifd" | None (both)
+    reverse: str = REVERSE_DEFAULT
+    device: str = "auto"
+    format: Optional[str] = None
+    split: Optional[str] = None
+    trust_remote_code: bool = False
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class SelectConfig:
+    """`reflect-tune select`: the student keeps the pairs it learns most from (selection.py)."""
+
+    input: str
+    output: str
+    model: Optional[str] = None
+    top: Optional[float] = None  # fraction of the input records to keep
+    top_k: Optional[int] = None  # or a count
+    method: Optional[str] = None  # None: srt on reflect output, ifd on plain data
+    missing_response: str = "drop"  # srt, the winner's response variant not ok: "drop" the pair, or "keep" its own answer
+    proxy_model: Optional[str] = None
+    template: str = "auto"
+    dtype: str = "auto"
+    batch_tokens: Optional[int] = None
+    max_length: int = 2048
+    reverse: str = REVERSE_DEFAULT
+    device: str = "auto"
+    format: Optional[str] = None
+    split: Optional[str] = None
+    trust_remote_code: bool = False
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """`reflect-tune train`: instruction tuning with optional logit KD (train.py)."""
+
+    data: str = ""
+    output: str = ""
+    model: str = ""
+    method: str = "lora"  # lora | qlora | full
+    epochs: int = 1
+    lr: Optional[float] = None  # default: 2e-4 for LoRA/QLoRA, 2e-5 for full
+    batch_size: int = 4
+    grad_accum: int = 4
+    max_length: int = 1024
+    packing: bool = False
+    template: str = "chat"  # chat | alpaca
+    teacher: Optional[str] = None
+    kd_ratio: float = 0.5
+    kd_loss: str = "forward_kl"
+    kd_temperature: float = 1.0  # the softmax temperature of both models in the KD term
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    kd_impl: str = "chunked"  # chunked (memory-lean) | naive (full logits)
+    kd_chunk_size: Optional[int] = None
+    teacher_dtype: str = "auto"
+    resume: bool = False
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    merge: bool = False
+    max_steps: Optional[int] = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target: str = "all-linear"
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    eval_samples: int = 32  # CE on the first N examples before and after training (meta.json); 0: off
+    format: Optional[str] = None
+    split: Optional[str] = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    """`reflect-tune make-student`: a smaller student cut from a teacher (student.py)."""
+
+    teacher: str
+    layers: int
+    output: str
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+
+# The names Hugging Face's TrainingArguments use, accepted for ours (YAML keys and flags).
+TRAIN_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                 "gradient_accumulation_steps": "grad_accum", "output_dir": "output", "save_steps": "save_every",
+                 "save_total_limit": "keep_checkpoints"}
+# Keys that were renamed: a clear pointer instead of "unknown setting".
+RENAMED = {TrainConfig: {"temperature": "kd_temperature"}, StudentConfig: {"from": "teacher"}}
+
+
+class SettingError(ReflectTuneError):
+    """A setting's value is wrong; `setting` names it, so a caller can point at its line."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Each field's type, evaluated from the annotations (no annotation strings are edited)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _base(kind: Any) -> tuple[Any, bool]:
+    """(the type without Optional, whether None is allowed)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(kind))
+    return kind, False
+
+
+def type_name(kind: Any) -> str:
+    base, _ = _base(kind)
+    if typing.get_origin(base) is tuple:
+        return "list of strings"
+    return getattr(base, "__name__", str(base))
+
+
+def check_value(cls, name: str, value: Any) -> Any:
+    """`value` as field `name` of `cls` takes it (an int for a float, a tuple for a list), or a SettingError."""
+    base, optional = _base(field_types(cls)[name])
+    if value is None:
+        if optional:
+            return None
+    elif typing.get_origin(base) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, base):
+        return value
+    wanted = type_name(base)
+    raise SettingError(name, f"setting '{name}': expected {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}, got {clip(value)}")
+
+
+def parse_text(cls, name: str, text: str) -> Any:
+    """A setting given as text (an environment variable): a number or a boolean by the field's type."""
+    base, _ = _base(field_types(cls)[name])
+    if text == "":
+        return None
+    if base in (int, float, bool):
+        try:
+            parsed = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError):  # not a number, or one too long to parse: check_value says so
+            return text
+        return parsed if parsed is not None else text
+    return text
+
+
+def canonical(cls, key: str) -> str:
+    """A key as the dataclass spells it: `-` read as `_`, train's Hugging Face names mapped to ours."""
+    name = str(key).replace("-", "_")
+    return TRAIN_ALIASES.get(name, name) if cls is TrainConfig else name
+
+
+def check_values(cls, values: dict[str, Any], owned: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`values` (keys as in YAML or flags; None means "not given") with canonical keys and checked types.
+
+    `owned` keys are set by the caller (a pipeline sets inputs and outputs) and refused in `values`.
+    """
+    known = field_types(cls)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = canonical(cls, key)
+        if name in RENAMED.get(cls, {}):
+            raise SettingError(name, f"setting '{key}' is now '{RENAMED[cls][name]}'")
+        if name not in known:
+            raise SettingError(name, f"setting '{key}': unknown (known: {', '.join(sorted(known))})")
+        if name in owned:
+            raise SettingError(name, f"setting '{key}': set by the pipeline")
+        if name in out:
+            raise SettingError(name, f"setting '{key}' is given twice (as '{name}' and an alias of it)")
+        if value is not None:
+            out[name] = check_value(cls, name, value)
+    return out
+
+
+def from_values(cls, values: dict[str, Any]):
+    """A `cls` from `values` (see `check_values`); a required setting that is missing is named."""
+    out = check_values(cls, values)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in out
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SettingError(missing[0], f"setting '{missing[0]}': required")
+    return cls(**out)
+
+
+def train_config_file(path: str | Path) -> dict[str, Any]:
+    """`train --config FILE`: its settings as a mapping (checked by `from_values` with the flags).
+    `lora: true`, `qlora: true` or `full: true` set `method`, like the flags."""
+    raw, lines = load_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ReflectTuneError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = canonical(TrainConfig, key)
+        if name in ("lora", "qlora", "full"):
+            if value is True:
+                out["method"] = name
+            continue
+        if isinstance(value, str) and name in field_types(TrainConfig) and _base(field_types(TrainConfig)[name])[0] is float:
+            try:  # YAML 1.1 reads `1e-4` (no dot) as text
+                value = float(value)
+            except ValueError:
+                pass
+        try:
+            check_values(TrainConfig, {key: value})
+        except SettingError as e:
+            raise ReflectTuneError(f"{path}:{lines.get(name, lines.get(str(key), 1))}: {e}") from None
+        out[name] = value
+    return out

@@ -33,23 +33,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from reflect_tune.artifacts import atomic_write_text, exclusive, fingerprint, provenance, redact, write_meta
-from reflect_tune.config import load_yaml, read_config_text
-from reflect_tune.data import FORMATS
+from reflect_tune import reflect, selection, student, train
+from reflect_tune.config import (
+    ReflectConfig,
+    SelectConfig,
+    SettingError,
+    StudentConfig,
+    TrainConfig,
+    canonical,
+    check_values,
+    field_types,
+    load_yaml,
+    parse_text,
+    read_config_text,
+)
 from reflect_tune.errors import SECRET_NAME, ReflectTuneError, clip, one_line, register_secret
-from reflect_tune.reflect import ReflectConfig
-from reflect_tune.selection import SelectConfig
-from reflect_tune.train import TrainConfig, fits_type, setting_type
+from reflect_tune.records import FORMATS, check_source, is_reflected
 
 log = logging.getLogger(__name__)
 
 STAGES = ("student", "reflect", "select", "train")
 TOP_KEYS = ("name", "runs_dir", "data", "format", "split", *STAGES)
-STUDENT_KEYS = ("from", "layers", "trust_remote_code")
 # settings the pipeline sets itself: never in the YAML, never in a key
-OWNED = {"reflect": ("input", "output", "progress", "format", "split"),
+OWNED = {"student": ("output", "overwrite"),
+         "reflect": ("input", "output", "progress", "format", "split"),
          "select": ("input", "output", "progress", "resume", "format", "split"),
          "train": ("data", "output", "progress", "resume", "overwrite", "format", "split")}
 # settings that change nothing in a stage's result: left out of its key
@@ -58,9 +67,9 @@ OWNED = {"reflect": ("input", "output", "progress", "format", "split"),
 UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                        "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer"),
            "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "eval_samples")}
-PATH_KEYS = {"student": ("from",), "reflect": ("prompts", "cache_dir", "tokenizer"),
+PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
              "select": ("model", "proxy_model"), "train": ("model", "teacher")}
-CLASSES = {"reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
+CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
 
 
 @dataclass
@@ -115,36 +124,6 @@ class _EnvValue(str):
     """A value that was only `${NAME}`: typed by the setting it fills (`_typed`), not by YAML rules."""
 
 
-def _typed(value: Any, hint: str) -> Any:
-    """An `_EnvValue` as the setting's type: int/float/bool parsed, empty as null, text kept as text."""
-    if not isinstance(value, _EnvValue):
-        return value
-    if value == "":
-        return None
-    base = setting_type(hint)
-    if base in ("int", "float", "bool"):
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except (yaml.YAMLError, ValueError):  # not a number (or one too long to parse): the type check says so
-            parsed = None
-        if base == "float" and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        return parsed if parsed is not None else value
-    return str(value)
-
-
-def _check_type(value: Any, hint: str) -> str | None:
-    """None if `value` fits the dataclass field's type text, else what was wanted."""
-    if value is None:
-        return None if ("None" in hint or "Optional" in hint) else "a value"
-    if isinstance(value, (list, dict)) and not hint.startswith(("tuple", "Optional[tuple")):
-        return f"a {setting_type(hint)}"
-    base = setting_type(hint)
-    if base.startswith("tuple"):
-        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
-    return None if fits_type(value, base) else f"a {base}"
-
-
 def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     """Read and check a pipeline file; every problem is one line naming the file, line and key."""
     path = Path(path)
@@ -192,35 +171,40 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
 
 
 def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Path) -> dict[str, Any]:
-    if stage == "student":
-        known = {"from": "str", "layers": "int", "trust_remote_code": "bool"}
-    else:
-        known = {f.name: str(f.type) for f in dataclasses.fields(CLASSES[stage]) if f.name not in OWNED[stage]}
-    for key, value in list(values.items()):
-        if key not in known:
-            owned = key in OWNED.get(stage, ())
-            why = "set by the pipeline" if owned else f"unknown setting (known: {', '.join(sorted(known))})"
-            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': {why}")
-        value = values[key] = _typed(value, known[key])
-        want = _check_type(value, known[key])
-        if want:
-            raise ReflectTuneError(f"{pipe.where(stage, key)}: {stage}: key '{key}': expected {want}, got {clip(value)}")
-    if stage == "student":
-        for key in ("from", "layers"):
-            if key not in values:
-                raise ReflectTuneError(f"{pipe.where(stage)}: student: key '{key}': required")
+    """A stage section's settings, typed and checked against the stage's config (config.check_values)."""
+    cls = CLASSES[stage]
+    written = {canonical(cls, k): k for k in values}  # to point at the line of a key given by its alias
+    typed = {}
+    for key, value in values.items():
+        name = canonical(cls, key)
+        if isinstance(value, _EnvValue) and name in field_types(cls):  # `${VAR}` alone: typed by its setting
+            value = parse_text(cls, name, str(value))
+        typed[key] = value
+    try:
+        values = check_values(cls, typed, owned=OWNED[stage])
+    except SettingError as e:
+        raise ReflectTuneError(f"{pipe.where(stage, written.get(e.setting, e.setting))}: {stage}: {e}") from None
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in OWNED[stage] and f.name not in values]
+    if required:
+        raise ReflectTuneError(f"{pipe.where(stage)}: {stage}: setting '{required[0]}': required")
     if stage == "reflect" and values.get("dry_run"):
-        raise ReflectTuneError(f"{pipe.where(stage, 'dry_run')}: reflect: key 'dry_run': not in a pipeline (it writes no "
-                               "reflections); estimate with `reflect-tune reflect DATA -o X --model M --dry-run`")
-    if stage == "reflect" and not values.get("model"):
-        raise ReflectTuneError(f"{pipe.where(stage)}: reflect: key 'model': required (the teacher's model name)")
+        raise ReflectTuneError(f"{pipe.where(stage, 'dry_run')}: reflect: setting 'dry_run': not in a pipeline (it writes "
+                               "no reflections); estimate with `reflect-tune reflect DATA -o X --model M --dry-run`")
     for key in PATH_KEYS[stage]:  # a relative path that exists next to the YAML file means that file
         value = values.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
             values[key] = str(base / value)
-    if isinstance(values.get("stages"), list):
-        values["stages"] = tuple(values["stages"])
     return values
+
+
+@contextmanager
+def _located(pipe: Pipeline, stage: str):
+    """A stage's own check failing on a setting of the file: its message, with the setting's FILE:LINE."""
+    try:
+        yield
+    except SettingError as e:
+        raise ReflectTuneError(f"{pipe.where(stage, e.setting)}: {stage}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- stage configs and keys
@@ -256,46 +240,53 @@ def _model_id(spec: str) -> Any:
 
 
 def plan(pipe: Pipeline) -> list[Stage]:
-    """Each present stage with its config, key and folder; cheap (hashes the data file once)."""
+    """Each present stage with its key, folder and config; cheap (hashes the data file once).
+
+    A stage's key is computed from its settings and what it reads; its config is then built once,
+    with the folder the key names as its output, and never edited afterwards."""
     stages: list[Stage] = []
     data_id = {**_content_id(pipe.data), "format": pipe.format, "split": pipe.split}
     feed = ("data", data_id)  # what the next pair-reading stage reads: (label, identity)
     student_dir = None
     by_name: dict[str, Stage] = {}
 
-    def add(name: str, config: Any, keyed: dict[str, Any], upstream: dict[str, Any]) -> Stage:
+    def folder(name: str, keyed: dict[str, Any], upstream: dict[str, Any]) -> tuple[str, Path]:
         key = stage_key(name, keyed, upstream)
-        st = Stage(name, key, pipe.folder / f"{name}-{key}", config, upstream)
+        return key, pipe.folder / f"{name}-{key}"
+
+    def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any]) -> None:
+        st = Stage(name, key, where, config, upstream)
         stages.append(st)
         by_name[name] = st
-        return st
+
+    def from_data() -> dict[str, Any]:  # the top-level format and split, for the stage that reads `data`
+        return {"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}
 
     if "student" in pipe.sections:
-        s = dict(pipe.sections["student"])
-        st = add("student", s, s, {"from": _model_id(s["from"])})
-        student_dir = str(st.folder)
+        s = pipe.sections["student"]
+        up = {"from": _model_id(s["teacher"])}
+        key, where = folder("student", s, up)
+        add("student", key, where, StudentConfig(**s, output=str(where)), up)
+        student_dir = str(where)
     if "reflect" in pipe.sections:
-        from reflect_tune.reflect import load_prompts
-
         s = pipe.sections["reflect"]
-        cfg = ReflectConfig(input=pipe.data, output="pending.jsonl", format=pipe.format, split=pipe.split, **s)
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["reflect"]}
         # the prompt texts themselves (built-in or a --prompts folder): an edited prompt is a new reflection
-        texts = json.dumps(load_prompts(cfg.prompts).texts, sort_keys=True)
-        st = add("reflect", cfg, keyed, {"data": data_id, "prompts": hashlib.sha256(texts.encode()).hexdigest()})
-        cfg.output = str(st.folder / "reflected.jsonl")
+        texts = json.dumps(reflect.load_prompts(s.get("prompts")).texts, sort_keys=True)
+        up = {"data": data_id, "prompts": hashlib.sha256(texts.encode()).hexdigest()}
+        key, where = folder("reflect", keyed, up)
         # one request cache for the run: a changed setting (limit, stages) re-sends only new requests
-        cfg.cache_dir = cfg.cache_dir or str(pipe.folder / "reflect-cache")
-        feed = ("reflect", st.key)
+        cache = s.get("cache_dir") or str(pipe.folder / "reflect-cache")
+        cfg = ReflectConfig(**{**s, "cache_dir": cache}, input=pipe.data, output=str(where / "reflected.jsonl"), **from_data())
+        add("reflect", key, where, cfg, up)
+        feed = ("reflect", key)
     model_note = {"model": by_name["student"].key} if student_dir else {}
     if "select" in pipe.sections:
         s = dict(pipe.sections["select"])
         if not s.get("model") and student_dir and s.get("method") != "superfilter":
             s["model"] = student_dir  # the paper: the student itself scores the candidates
         if not s.get("model") and s.get("method") != "superfilter":
-            raise ReflectTuneError(f"{pipe.where('select')}: select: key 'model': required without a student section")
-        cfg = SelectConfig(input=_feed_path(by_name, feed, pipe), output="", **s,
-                           **({"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}))
+            raise ReflectTuneError(f"{pipe.where('select')}: select: setting 'model': required without a student section")
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["select"]}
         up = {feed[0]: feed[1]}
         if student_dir and s.get("model") == student_dir:
@@ -304,22 +295,18 @@ def plan(pipe: Pipeline) -> list[Stage]:
         for name in ("model", "proxy_model"):
             if s.get(name) and keyed.get(name) != "student":
                 up[name] = _model_id(s[name])
-        st = add("select", cfg, keyed, up)
-        cfg.output = str(st.folder / "selected.jsonl")
-        feed = ("select", st.key)
+        key, where = folder("select", keyed, up)
+        cfg = SelectConfig(**s, input=_feed_path(by_name, feed, pipe), output=str(where / "selected.jsonl"), **from_data())
+        add("select", key, where, cfg, up)
+        feed = ("select", key)
     if "train" in pipe.sections:
         s = dict(pipe.sections["train"])
         if not s.get("model") and student_dir:
             s["model"] = student_dir
         if not s.get("model"):
-            raise ReflectTuneError(f"{pipe.where('train')}: train: key 'model': required without a student section")
-        from reflect_tune.train import build_config
-
-        extra = {"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}
-        with _located(pipe, "train"):
-            cfg = build_config({**s, **extra}, {"data": _feed_path(by_name, feed, pipe), "output": "pending", "resume": True})
+            raise ReflectTuneError(f"{pipe.where('train')}: train: setting 'model': required without a student section")
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["train"]}
-        up: dict[str, Any] = {feed[0]: feed[1]}
+        up = {feed[0]: feed[1]}
         if student_dir and s["model"] == student_dir:
             keyed["model"] = "student"
             up.update(model_note)
@@ -327,22 +314,9 @@ def plan(pipe: Pipeline) -> list[Stage]:
             up["model"] = _model_id(s["model"])
         if s.get("teacher"):
             up["teacher"] = _model_id(s["teacher"])
-        st = add("train", cfg, keyed, up)
-        cfg.output = str(st.folder)
+        key, where = folder("train", keyed, up)
+        add("train", key, where, TrainConfig(**s, data=_feed_path(by_name, feed, pipe), output=str(where), **from_data()), up)
     return stages
-
-
-@contextmanager
-def _located(pipe: Pipeline, stage: str):
-    """A stage's own check failing on a pipeline value: its message, prefixed with file:line."""
-    try:
-        yield
-    except ReflectTuneError as e:
-        text = str(e)
-        m = re.search(r"(?:setting '|--)([a-z_-]+)", text)
-        key = m.group(1).replace("-", "_") if m else None
-        where = pipe.where(stage, key) if key and f"{stage}.{key}" in pipe.lines else pipe.where(stage)
-        raise ReflectTuneError(f"{where}: {stage}: {text}") from None
 
 
 def _feed_path(by_name: dict[str, Stage], feed: tuple[str, Any], pipe: Pipeline) -> str:
@@ -421,13 +395,9 @@ def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, prog
 
 
 def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
-    """What can be checked before any work (or paid call): reflect's own checks and its API key,
-    select's options (train's were checked when its config was built)."""
-    from reflect_tune import reflect, selection
-    from reflect_tune.data import check_source
-
-    reads_data = [st for st in stages if not st.done and "data" in st.upstream]
-    if reads_data:
+    """Everything that can be checked before any work (or paid call): the data, and each unfinished
+    stage's own `validate` (its settings, outputs, reflect's API key); a bad setting names its line."""
+    if any(not st.done and "data" in st.upstream for st in stages):
         try:
             check_source(pipe.data, format=pipe.format, split=pipe.split)
         except ReflectTuneError as e:
@@ -435,15 +405,21 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
     for st in stages:
         if st.done:
             continue
-        if st.name == "reflect":
-            st.folder.mkdir(parents=True, exist_ok=True)
-            with _located(pipe, "reflect"):
-                reflect._validate(st.config)
-            reflect._api_key(st.config)
-        elif st.name == "select":
-            reflected = "reflect" in st.upstream or selection._is_reflected(st.config.input)
-            with _located(pipe, "select"):
-                selection._validate(st.config, reflected)
+        with _located(pipe, st.name):
+            if st.name == "student":
+                student.validate(st.config)
+            elif st.name == "reflect":
+                st.folder.mkdir(parents=True, exist_ok=True)
+                reflect.validate(st.config)
+            elif st.name == "select":
+                selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(st.config.input))
+            else:
+                train.validate(dataclasses.replace(st.config, resume=_started(st.folder)))
+
+
+def _started(folder: Path) -> bool:
+    """A stage folder with files but no meta.json: an interrupted run, continued by the next one."""
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:
@@ -466,39 +442,28 @@ def _save_record(pipe: Pipeline, record: dict[str, Any]) -> None:
 
 
 def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
-    """Run one stage into its folder; for reflect and select, write the folder's meta.json last."""
+    """Run one stage into its folder (each stage writes its meta.json last; for reflect and select
+    the pipeline writes the folder's); returns its summary, or {"status": ...} when unfinished."""
     if st.name == "student":
-        from reflect_tune.student import make_student
-
         if st.folder.exists():  # an interrupted make-student leaves no meta.json: start it again
             shutil.rmtree(st.folder)
-        c = st.config
-        return make_student(c["from"], c["layers"], str(st.folder), trust_remote_code=c.get("trust_remote_code", False))
+        return student.run(st.config)
     if st.name == "train":
-        from reflect_tune.train import run_train
-
-        st.config.progress = progress
-        st.config.resume = st.folder.is_dir() and any(st.folder.iterdir())  # an interrupted run: continue it
-        return run_train(st.config)  # writes meta.json itself, last
+        return train.run(dataclasses.replace(st.config, progress=progress, resume=_started(st.folder)))
     st.folder.mkdir(parents=True, exist_ok=True)
-    st.config.progress = progress
     if st.name == "reflect":
-        from reflect_tune.reflect import run_reflect
-
-        result = run_reflect(st.config)
-        if result.get("status") == "submitted":
-            return result
+        result = reflect.run(dataclasses.replace(st.config, progress=progress))
+        if result.status == "submitted":
+            return {"status": "submitted to the Batch API"}
+        summary = result.summary
         # a request the server refused for its content (HTTP 400) fails the same way every time: final;
         # one that ran out of retries is not cached, so a rerun retries it: the stage waits for those
-        failed = sum(v.get("api_failed", 0) for v in result["variants"].values()) - result.get("variants_rejected", 0)
+        failed = sum(v.get("api_failed", 0) for v in summary["variants"].values()) - summary.get("variants_rejected", 0)
         if failed:
             return {"status": f"{failed} requests failed after every retry (api_failed, see "
                               f"{st.config.output}); the next run retries only those"}
-        summary = result
     else:
-        from reflect_tune.selection import run_select
-
-        summary = run_select(st.config).summary
+        summary = selection.run(dataclasses.replace(st.config, progress=progress)).summary
     meta = provenance(st.name, st.config, inputs=[st.config.input])
     meta.update(key=st.key, upstream=st.upstream, summary=summary)
     write_meta(st.folder, meta)
@@ -541,7 +506,7 @@ def write_summary(pipe: Pipeline, stages: list[Stage]) -> Path:
 
 def _student_md(st: Stage, meta: dict) -> list[str]:
     return ["## Student (make-student)", "",
-            f"`{meta.get('teacher', st.config['from'])}` cut to {len(meta.get('kept_layers', []))} of "
+            f"`{meta.get('teacher', st.config.teacher)}` cut to {len(meta.get('kept_layers', []))} of "
             f"{meta.get('teacher_layers')} layers (kept {meta.get('kept_layers')}): {meta.get('parameters', 0):,} parameters "
             f"against the teacher's {meta.get('teacher_parameters', 0):,}."]
 

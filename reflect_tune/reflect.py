@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from reflect_tune.artifacts import check_output_file
+from reflect_tune.config import ReflectConfig, SettingError
 from reflect_tune.errors import ReflectTuneError, looks_like_secret, register_secret
 from reflect_tune.cache import CacheFull, RequestCache
 from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
@@ -82,45 +82,6 @@ PRICES = {
     "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4-turbo": (10.00, 30.00),
     "gpt-3.5-turbo": (0.50, 1.50), "o4-mini": (1.10, 4.40), "o3-mini": (1.10, 4.40), "o3": (2.00, 8.00),
 }
-
-
-@dataclass
-class ReflectConfig:
-    input: str
-    output: str
-    model: str
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    stages: tuple[str, ...] = STAGES
-    concurrency: int = 16
-    rpm: int | None = None
-    tpm: int | None = None
-    max_tokens: int = 2048
-    temperature: float = 0.0
-    top_p: float = 1.0
-    limit: int | None = None
-    dry_run: bool = False
-    batch_api: bool = False
-    no_wait: bool = False
-    poll_interval: float = 30.0
-    retry_failed: bool = False
-    reask: bool = True  # re-ask once when a reply cannot be parsed (off: record parse_failed at once)
-    prompts: str | None = None
-    cache_dir: str | None = None
-    timeout: float = 120.0
-    max_retries: int = 6
-    backoff: float = 1.0
-    price_in: float | None = None
-    price_out: float | None = None
-    tokenizer: str | None = None
-    format: str | None = None
-    split: str | None = None
-    dedupe: bool = False  # drop records whose id was already seen (counted) instead of failing
-    progress: bool = True
-
-    def params(self) -> dict[str, Any]:
-        """Generation parameters: part of every request and of its cache key."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,17 +278,22 @@ async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: t
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(config: ReflectConfig) -> None:
+def validate(config: ReflectConfig) -> None:
+    """Everything that can be checked before the input is read and anything is sent: the settings,
+    the output path, the prompt files, and the API key's variable (its name, and that it is set)."""
     bad = [s for s in config.stages if s not in STAGES]
     if bad or not config.stages:
-        raise ReflectTuneError(f"--stages: expected a comma-separated subset of {','.join(STAGES)}, got {','.join(config.stages) or 'nothing'}")
+        raise SettingError("stages", f"--stages: expected a comma-separated subset of {','.join(STAGES)}, "
+                                     f"got {','.join(config.stages) or 'nothing'}")
     for name in ("concurrency", "max_tokens"):
         if getattr(config, name) < 1:
-            raise ReflectTuneError(f"--{name.replace('_', '-')} must be at least 1")
-    for flag, value in (("--no-wait", config.no_wait), ("--retry-failed", config.retry_failed)):
+            raise SettingError(name, f"--{name.replace('_', '-')} must be at least 1")
+    for name, value in (("no_wait", config.no_wait), ("retry_failed", config.retry_failed)):
         if value and not config.batch_api:
-            raise ReflectTuneError(f"{flag} only applies with --batch-api")
+            raise SettingError(name, f"--{name.replace('_', '-')} only applies with --batch-api")
     check_api_key_env(config.api_key_env)
+    api_key(config)
+    load_prompts(config.prompts)
     out = Path(config.output)
     if out.suffix != ".jsonl":
         raise ReflectTuneError(f"{out}: the reflect output is JSON Lines; name it *.jsonl")
@@ -341,11 +307,12 @@ def check_api_key_env(name: str) -> None:
     """The variable's NAME is asked for; a key given there by mistake is refused and never shown or stored."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or "") or looks_like_secret(name):
         register_secret(name)
-        raise ReflectTuneError("--api-key-env (api_key_env): expected the NAME of an environment variable, e.g. "
-                               "OPENAI_API_KEY; the value given is not a variable name (not shown: it may be the key itself)")
+        raise SettingError("api_key_env", "--api-key-env (api_key_env): expected the NAME of an environment variable, "
+                           "e.g. OPENAI_API_KEY; the value given is not a variable name (not shown: it may be the key itself)")
 
 
-def _api_key(config: ReflectConfig) -> str | None:
+def api_key(config: ReflectConfig) -> str | None:
+    """The key from the environment (None for a local server that needs none); registered as a secret."""
     key = os.environ.get(config.api_key_env) or None
     register_secret(key)  # no message or written file may show it
     if key is None and config.base_url is None and not config.dry_run:
@@ -362,11 +329,23 @@ def _cache_folder(config: ReflectConfig) -> Path:
     return cache_dir() / "reflect"
 
 
-def run_reflect(config: ReflectConfig) -> dict[str, Any]:
-    """Validate everything, then reflect (live, dry run or Batch API). Returns the summary."""
-    from reflect_tune.data import load_records
+@dataclass(kw_only=True)
+class ReflectResult:
+    """What a reflect run did. `status`: done, submitted (Batch API with --no-wait: rerun to collect)
+    or planned (--dry-run: `summary` is the plan). `refused`: one line per variant the teacher
+    refused (record id, FILE:LINE, variant, reason)."""
 
-    _validate(config)
+    status: str
+    summary: dict[str, Any]
+    output: str
+    refused: list[str] = field(default_factory=list)
+
+
+def run(config: ReflectConfig) -> ReflectResult:
+    """Validate everything, then reflect (live, dry run or Batch API)."""
+    from reflect_tune.records import load_records
+
+    validate(config)
     prompts = load_prompts(config.prompts)
     records, report = load_records(config.input, format=config.format, split=config.split, limit=config.limit,
                                    on_duplicate="drop" if config.dedupe else "error")
@@ -374,14 +353,14 @@ def run_reflect(config: ReflectConfig) -> dict[str, Any]:
         raise ReflectTuneError(f"{config.input}: no records to reflect")
     for line in report.warnings():
         log.warning("warning: %s", line)
-    api_key = _api_key(config)
+    key = api_key(config)
     cache = RequestCache(_cache_folder(config))
     started = time.time()
     try:
         if config.dry_run:
-            return dry_run(config, records, prompts, cache)
+            return ReflectResult(status="planned", summary=dry_run(config, records, prompts, cache), output=config.output)
         cache.ensure_reserve()  # room to keep the replies in flight if the disk fills up
-        client = TeacherClient(model=config.model, base_url=config.base_url, api_key=api_key, params=config.params(),
+        client = TeacherClient(model=config.model, base_url=config.base_url, api_key=key, params=config.params(),
                                cache=cache, concurrency=config.concurrency, rpm=config.rpm, tpm=config.tpm,
                                timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff)
         if config.tpm is not None:
@@ -392,15 +371,14 @@ def run_reflect(config: ReflectConfig) -> dict[str, Any]:
             if config.retry_failed:
                 cache.clear_failures()
             client.collect = True
-            if not run_batches(config, records, prompts, client, api_key, walk):
-                return {"status": "submitted"}
+            if not run_batches(config, records, prompts, client, key, walk):
+                return ReflectResult(status="submitted", summary={}, output=config.output)
             lines = asyncio.run(walk(records, client, prompts, config, progress=False))
         else:
             lines = asyncio.run(_live(records, client, prompts, config))
         summary = _summary(config, lines, client, time.time() - started)
         _write(config, lines, prompts, report, summary)
-        _print_summary(summary, config.output, _rejected(records, lines))
-        return summary
+        return ReflectResult(status="done", summary=summary, output=config.output, refused=_rejected(records, lines))
     finally:
         cache.close()
 
@@ -569,29 +547,6 @@ def _write(config: ReflectConfig, lines: list[dict], prompts: Prompts, report, s
     write_meta(out, meta)
 
 
-def _print_summary(summary: dict, output: str, rejected: list[str] = ()) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    cost_text = "unknown" if summary["cost_usd"] is None else f"${summary['cost_usd']:.4f}"
-    fails = ", ".join(f"{k} {v}" for k, v in sorted(summary["failures_by_kind"].items())) or "none"
-    console.print(
-        f"[bold]reflect[/bold]: {summary['records']} records -> {output}\n"
-        f"  requests: {summary['requests_answered']} answered, {summary['requests_cached']} from cache, "
-        f"{summary['requests_sent']} sent, {summary['retries']} retries\n"
-        f"  failures: {fails}\n"
-        f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
-        f"(cost {cost_text}; {summary['price_source']})\n"
-        f"  wall time: {summary['wall_s']:.1f} s",
-        soft_wrap=True, highlight=False,
-    )
-    for line in rejected[:5]:
-        console.print(f"  refused: {line}", soft_wrap=True, highlight=False, markup=False)
-    if len(rejected) > 5:
-        console.print(f"  refused: {len(rejected) - 5} more (see the reasons in {output})", highlight=False, markup=False)
-    print(f"wrote {summary['records']} records to {output}", file=sys.stdout)
-
-
 # ---------------------------------------------------------------------------------------------
 # --dry-run: requests, tokens and cost, without sending anything
 # ---------------------------------------------------------------------------------------------
@@ -684,11 +639,4 @@ def dry_run(config: ReflectConfig, records, prompts: Prompts, cache: RequestCach
         "price_in_per_1m": p_in, "price_out_per_1m": p_out, "price_source": source, "est_cost_usd": est_cost,
         "token_counting": how,
     }
-    cost_text = "unknown (pass --price-in/--price-out)" if est_cost is None else f"${est_cost:.4f}"
-    print(f"dry run: {len(records)} records -> {len(bodies)} requests to send "
-          f"({kinds['ins']} instruction, {kinds['res']} response reflections; {client.stats.cached} already cached)\n"
-          f"  prompt tokens: {prompt_tokens} ({how})\n"
-          f"  completion tokens (estimate, capped at --max-tokens {config.max_tokens}): {completion_tokens}\n"
-          f"  estimated cost: {cost_text} [{source}]\n"
-          f"  not included: re-asks of unusable replies (one per parse failure)")
     return plan

@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from reflect_tune.artifacts import ShardStore, shard_folder
+from reflect_tune.config import ScoreConfig, SettingError
 from reflect_tune.errors import ReflectTuneError
+from reflect_tune.records import Record, load_candidates
 from reflect_tune.templates import REVERSE_DEFAULT, reverse_text, template_prompt
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = ("chat", "alpaca", "vicuna", "none")
-STATUSES = ("ok", "parse_failed", "api_failed", "skipped")
 PASSES = ("a_given_q", "a", "q_given_a", "q")
 
 CPU_BATCH_TOKENS = 4096
@@ -57,26 +58,6 @@ GPU_BATCH_TOKENS = 16384
 PAD_TOLERANCE = 0.1  # a batch's rows are within 10% of its longest row
 PREFIX_KEY = 8  # batches group passes by their first tokens; a shared prefix this long is run once
 HEAD_CHUNK_ELEMENTS = 1 << 23  # logits held at once in the LM head: rows x vocab (32 MiB in fp32)
-
-
-# ----------------------------------------------------------------------------- candidates
-
-
-@dataclass
-class Candidate:
-    """One (instruction, answer) pair to score: a record's original or one of its reflections."""
-
-    index: int  # the record's position in the input
-    id: str
-    variant: str
-    instruction: str
-    input: str
-    output: str
-    system: str = ""
-
-    @property
-    def instruction_text(self) -> str:
-        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
 
 
 # ----------------------------------------------------------------------------- templates and passes
@@ -168,13 +149,13 @@ def distributed_state():
 def check_options(template: str, max_length: int, reverse: str, batch_tokens: int | None) -> None:
     """Fail on a bad scoring option before any data or model is read."""
     if template not in ("auto", *TEMPLATES):
-        raise ReflectTuneError(f"unknown template {template!r}; choose auto, chat, alpaca, vicuna or none")
+        raise SettingError("template", f"unknown template {template!r}; choose auto, chat, alpaca, vicuna or none")
     if max_length < 2:
-        raise ReflectTuneError(f"--max-length must be at least 2, got {max_length}")
+        raise SettingError("max_length", f"--max-length must be at least 2, got {max_length}")
     if "{answer}" not in reverse:
-        raise ReflectTuneError("--reverse must contain the placeholder {answer}")
+        raise SettingError("reverse", "--reverse must contain the placeholder {answer}")
     if batch_tokens is not None and batch_tokens < 1:
-        raise ReflectTuneError(f"--batch-tokens must be positive, got {batch_tokens}")
+        raise SettingError("batch_tokens", f"--batch-tokens must be positive, got {batch_tokens}")
 
 
 def open_scorer(
@@ -301,7 +282,7 @@ def _chat_pass(tokenizer, user: str, assistant: str, max_length: int) -> Pass:
     return _truncated(ids, start, end, max_length)
 
 
-def build_passes(scorer: Scorer, cand: Candidate, directions: tuple[str, ...]) -> tuple[dict[str, Pass | None], str | None]:
+def build_passes(scorer: Scorer, cand: Record, directions: tuple[str, ...]) -> tuple[dict[str, Pass | None], str | None]:
     """The passes one candidate needs for the wanted directions ("ifd", "rifd").
 
     Returns {pass name: Pass, or None when not wanted} and a row-level reason (empty field).
@@ -540,7 +521,7 @@ def _ratios(cond: float | None, direct: float | None) -> tuple[float | None, flo
     return math.exp(cond - direct), (cond / direct if direct != 0 else math.nan)
 
 
-def score_row(cand: Candidate, passes: dict[str, Pass | None], row_reason: str | None, known: dict[str, float]) -> dict[str, Any]:
+def score_row(cand: Record, passes: dict[str, Pass | None], row_reason: str | None, known: dict[str, float]) -> dict[str, Any]:
     """One scores.parquet row (FORMATS §8.2): None for a pass not run, NaN + reason for an undefined one."""
     row: dict[str, Any] = {"id": cand.id, "variant": cand.variant}
     reasons = [row_reason] if row_reason else []
@@ -588,7 +569,7 @@ class ScoreSession:
         self._seen: set[str] = set()
         self._passes: set[tuple[int, str, str]] = set()
 
-    def score(self, cands: list[Candidate], wants: list[tuple[str, ...]], label: str = "scoring") -> list[dict[str, Any]]:
+    def score(self, cands: list[Record], wants: list[tuple[str, ...]], label: str = "scoring") -> list[dict[str, Any]]:
         """A scores row per candidate; `wants[i]` names the directions ("ifd", "rifd") candidate i needs."""
         built = [build_passes(self.scorer, c, w) for c, w in zip(cands, wants)]
         units: dict[str, Pass] = {}
@@ -637,27 +618,6 @@ def write_scores(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
 
 
 @dataclass
-class ScoreConfig:
-    """Everything `reflect-tune score` needs."""
-
-    input: str
-    output: str
-    model: str
-    template: str = "auto"
-    dtype: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int = 2048
-    only: str | None = None  # "ifd" | "rifd" | None (both)
-    reverse: str = REVERSE_DEFAULT
-    device: str = "auto"
-    format: str | None = None
-    split: str | None = None
-    trust_remote_code: bool = False
-    resume: bool = True
-    progress: bool = True
-
-
-@dataclass
 class ScoreResult:
     rows: list[dict[str, Any]]
     stats: ScoreStats
@@ -691,16 +651,19 @@ def nan_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_score(config: ScoreConfig) -> ScoreResult:
+def validate(config: ScoreConfig) -> None:
+    """The settings and the output, before the input is read or a model loads."""
+    if config.only not in (None, "ifd", "rifd"):
+        raise SettingError("only", f"--only must be ifd or rifd, got {config.only!r}")
+    check_output(config.output, ".parquet", [config.input])
+    check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
+
+
+def run(config: ScoreConfig) -> ScoreResult:
     """Score every candidate of the input in the wanted directions and write scores.parquet + sidecar."""
     from reflect_tune.artifacts import provenance, write_meta
 
-    if config.only not in (None, "ifd", "rifd"):
-        raise ReflectTuneError(f"--only must be ifd or rifd, got {config.only!r}")
-    check_output(config.output, ".parquet", [config.input])
-    check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
-    from reflect_tune.selection import load_candidates  # the input side: reflect output or plain data
-
+    validate(config)
     loaded = load_candidates(config.input, format=config.format, split=config.split)
     for w in loaded.warnings:
         log.warning("warning: %s", w)

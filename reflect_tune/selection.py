@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflect_tune.data import loads
-from reflect_tune.errors import DataError, ReflectTuneError
+from reflect_tune.artifacts import check_output_folder
+from reflect_tune.config import SelectConfig, SettingError
+from reflect_tune.errors import ReflectTuneError
+from reflect_tune.records import Record, is_reflected, load_candidates
 from reflect_tune.score import (
-    REVERSE_DEFAULT,
-    STATUSES,
-    Candidate,
     ScoreSession,
     check_options,
     check_output,
@@ -54,172 +53,6 @@ DECISIONS = (
     "dropped_ifd_ge_1", "dropped_rifd_ge_1", "dropped_below_cut",
 )
 RESPONSE_OF = {"original": "res", "ins": "res_ins"}
-
-
-@dataclass
-class SelectConfig:
-    """Everything `reflect-tune select` needs."""
-
-    input: str
-    output: str
-    model: str | None = None
-    top: float | None = None  # fraction of the input records to keep
-    top_k: int | None = None  # or a count
-    method: str | None = None  # None: srt on reflect output, ifd on plain data
-    missing_response: str = "drop"  # srt, the winner's response variant not ok: "drop" the pair, or "keep" its own answer
-    proxy_model: str | None = None
-    template: str = "auto"
-    dtype: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int = 2048
-    reverse: str = REVERSE_DEFAULT
-    device: str = "auto"
-    format: str | None = None
-    split: str | None = None
-    trust_remote_code: bool = False
-    resume: bool = True
-    progress: bool = True
-
-
-# ----------------------------------------------------------------------------- reading candidates
-
-
-@dataclass
-class Loaded:
-    """What an input file holds: one entry per record, the scorable candidates, and their origin."""
-
-    path: str
-    reflected: bool
-    ids: list[str]
-    candidates: list[Candidate]
-    statuses: list[dict[str, str]]  # per record: variant -> status ("ok" for the original)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _is_reflected(path: str) -> bool:
-    """A reflect output (FORMATS §8.1): a JSON Lines file whose first record has `original` and `variants`."""
-    p = Path(path)
-    if not p.is_file() or p.suffix.lower() not in (".jsonl", ".json"):
-        return False
-    try:
-        with open(p, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.strip():
-                    row = loads(line.lstrip("\ufeff"))
-                    return isinstance(row, dict) and "original" in row and "variants" in row
-    except (OSError, json.JSONDecodeError, RecursionError):
-        return False
-    return False
-
-
-def _get_str(obj: dict, key: str, where: str, label: str, *, nullable: bool = False) -> str:
-    if key not in obj:
-        raise DataError(f"{where}: field '{label}': missing")
-    value = obj[key]
-    if value is None and nullable:
-        return ""
-    if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        raise DataError(f"{where}: field '{label}': expected a string, got {kind}")
-    return value
-
-
-def read_reflected(path: str) -> Loaded:
-    """Read and validate a reflect output file (FORMATS §8.1) into candidates.
-
-    Only `ok` variants become candidates; `res` takes the original's instruction, `res_ins` takes
-    the `ins` instruction. A bad line fails with `FILE:LINE: field 'F': problem`.
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
-    loaded = Loaded(path=str(path), reflected=True, ids=[], candidates=[], statuses=[])
-    seen: dict[str, int] = {}
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: bad JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
-        except RecursionError:
-            raise DataError(f"{where}: bad JSON: nested too deeply") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {'null' if row is None else type(row).__name__}")
-        rid = row.get("id")
-        if isinstance(rid, int) and not isinstance(rid, bool):
-            rid = str(rid)
-        if not isinstance(rid, str) or not rid:
-            raise DataError(f"{where}: field 'id': expected a non-empty string")
-        if rid in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {rid!r} (first at {seen[rid]})")
-        seen[rid] = n
-        orig = row.get("original")
-        if not isinstance(orig, dict):
-            raise DataError(f"{where}: field 'original': expected an object")
-        instruction = _get_str(orig, "instruction", where, "original.instruction")
-        inp = _get_str(orig, "input", where, "original.input", nullable=True) if "input" in orig else ""
-        output = _get_str(orig, "output", where, "original.output")
-        system = _get_str(orig, "system", where, "original.system", nullable=True) if "system" in orig else ""
-        variants = row.get("variants")
-        if not isinstance(variants, dict):
-            raise DataError(f"{where}: field 'variants': expected an object")
-        index = len(loaded.ids)
-        loaded.ids.append(rid)
-        statuses = {"original": "ok"}
-        loaded.candidates.append(Candidate(index, rid, "original", instruction, inp, output, system))
-        ins_text: tuple[str, str] | None = None
-        for name in ("ins", "res", "res_ins"):
-            v = variants.get(name)
-            label = f"variants.{name}"
-            if v is None:
-                statuses[name] = "missing"
-                continue
-            if not isinstance(v, dict):
-                raise DataError(f"{where}: field '{label}': expected an object")
-            status = v.get("status")
-            if status not in STATUSES:
-                raise DataError(f"{where}: field '{label}.status': expected one of {', '.join(STATUSES)}, got {status!r}")
-            statuses[name] = status
-            if status != "ok":
-                continue
-            out = _get_str(v, "output", where, f"{label}.output")
-            if name == "ins":
-                ins_instruction = _get_str(v, "instruction", where, f"{label}.instruction")
-                ins_input = _get_str(v, "input", where, f"{label}.input", nullable=True) if "input" in v else ""
-                ins_text = (ins_instruction, ins_input)
-                loaded.candidates.append(Candidate(index, rid, "ins", ins_instruction, ins_input, out, system))
-            elif name == "res":
-                loaded.candidates.append(Candidate(index, rid, "res", instruction, inp, out, system))
-            else:
-                if ins_text is None:  # res_ins answers the ins instruction; without it there is no pair
-                    statuses[name] = "ins not ok"
-                    continue
-                loaded.candidates.append(Candidate(index, rid, "res_ins", ins_text[0], ins_text[1], out, system))
-        loaded.statuses.append(statuses)
-    if not loaded.ids:
-        raise DataError(f"{path}: empty file (no records)")
-    return loaded
-
-
-def load_candidates(path: str, *, format: str | None = None, split: str | None = None) -> Loaded:
-    """Reflected JSONL (all ok variants) or plain instruction data in any supported shape (originals)."""
-    if _is_reflected(path):
-        if format is not None:
-            raise DataError(f"{path}: --format applies to plain instruction data, not to a reflect output file")
-        return read_reflected(path)
-    from reflect_tune.data import load_records
-
-    records, report = load_records(path, format=format, split=split, on_duplicate="keep", on_empty="keep")
-    loaded = Loaded(path=str(path), reflected=False, ids=[r.id for r in records], candidates=[], statuses=[])
-    for i, r in enumerate(records):
-        loaded.candidates.append(Candidate(i, r.id, "original", r.instruction, r.input, r.output, r.system))
-        loaded.statuses.append({"original": "ok"})
-    loaded.warnings = report.warnings()
-    return loaded
 
 
 # ----------------------------------------------------------------------------- the rules (pure)
@@ -298,47 +131,48 @@ def output_paths(output: str | os.PathLike) -> tuple[Path, Path, Path]:
     return out, out.with_name(stem + ".scores.parquet"), out.with_name(stem + ".report")
 
 
-def _validate(config: SelectConfig, reflected: bool) -> str:
+def validate(config: SelectConfig, reflected: bool | None = None) -> str:
+    """The settings and the three outputs, before a model loads; returns the method.
+
+    `reflected`: whether the input is a reflect output (read from the file when None; a pipeline
+    says so before the file exists)."""
+    if reflected is None:
+        reflected = is_reflected(config.input)
     if config.top is not None and config.top_k is not None:
-        raise ReflectTuneError("--top and --top-k are mutually exclusive; give one")
+        raise SettingError("top_k", "--top and --top-k are mutually exclusive; give one")
     if config.top is not None and not 0 < config.top <= 1:
-        raise ReflectTuneError(f"--top must be a fraction in (0, 1], got {config.top}")
+        raise SettingError("top", f"--top must be a fraction in (0, 1], got {config.top}")
     if config.top_k is not None and config.top_k < 1:
-        raise ReflectTuneError(f"--top-k must be at least 1, got {config.top_k}")
+        raise SettingError("top_k", f"--top-k must be at least 1, got {config.top_k}")
     if config.missing_response not in ("drop", "keep"):
-        raise ReflectTuneError(f"--missing-response must be drop or keep, got {config.missing_response!r}")
+        raise SettingError("missing_response", f"--missing-response must be drop or keep, got {config.missing_response!r}")
     method = config.method or ("srt" if reflected else "ifd")
     if method not in METHODS:
-        raise ReflectTuneError(f"unknown method {method!r}; choose {', '.join(METHODS)}")
+        raise SettingError("method", f"unknown method {method!r}; choose {', '.join(METHODS)}")
     if method == "srt" and not reflected:
-        raise ReflectTuneError(
-            f"{config.input}: --method srt needs reflect output (docs/FORMATS.md §8.1); "
-            "on plain data use --method ifd, rifd or superfilter"
-        )
+        raise SettingError("method", f"{config.input}: --method srt needs reflect output (docs/FORMATS.md §8.1); "
+                                     "on plain data use --method ifd, rifd or superfilter")
     if method == "superfilter" and not config.proxy_model:
-        raise ReflectTuneError("--method superfilter needs --proxy-model (a small model that scores IFD)")
+        raise SettingError("proxy_model", "--method superfilter needs --proxy-model (a small model that scores IFD)")
     if method != "superfilter" and config.proxy_model:
-        raise ReflectTuneError("--proxy-model applies only to --method superfilter")
+        raise SettingError("proxy_model", "--proxy-model applies only to --method superfilter")
     if method != "superfilter" and not config.model:
-        raise ReflectTuneError("--model is required: the student that scores the data")
+        raise SettingError("model", "--model is required: the student that scores the data")
+    check_output(config.output, ".jsonl", [config.input])
+    check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
+    _, scores_path, report_dir = output_paths(config.output)
+    check_output(scores_path, ".parquet", [config.input])  # select writes all three: none may be the input
+    check_output_folder(report_dir, [config.input], flag="the report folder")
     return method
 
 
-def run_select(config: SelectConfig) -> SelectResult:
+def run(config: SelectConfig) -> SelectResult:
     """Score what the method needs, apply the rule, write the three outputs (main process only)."""
     from reflect_tune.artifacts import provenance, write_meta
 
-    from reflect_tune.artifacts import check_output_folder
-
-    check_output(config.output, ".jsonl", [config.input])
-    check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
-    if config.top is not None and config.top_k is not None:
-        raise ReflectTuneError("--top and --top-k are mutually exclusive; give one")
+    method = validate(config)  # the input's kind is read from it the same way load_candidates reads it
     out, scores_path, report_dir = output_paths(config.output)
-    check_output(scores_path, ".parquet", [config.input])  # select writes all three: none may be the input
-    check_output_folder(report_dir, [config.input], flag="the report folder")
     loaded = load_candidates(config.input, format=config.format, split=config.split)
-    method = _validate(config, loaded.reflected)
     for w in loaded.warnings:
         log.warning("warning: %s", w)
     template = config.template
@@ -407,7 +241,7 @@ def run_select(config: SelectConfig) -> SelectResult:
     return result
 
 
-def _select_srt(session: ScoreSession, cands: list[Candidate], records: int, keep_missing: bool = False):
+def _select_srt(session: ScoreSession, cands: list[Record], records: int, keep_missing: bool = False):
     """Both phases. Returns a scores row per candidate (unscored passes null) and an outcome per record.
     `keep_missing`: a winner whose response variant is not ok goes on with its own answer (phase 2
     `no_variant`, like the reference's fallback to the original text) instead of being dropped."""
@@ -461,7 +295,7 @@ def _select_srt(session: ScoreSession, cands: list[Candidate], records: int, kee
     return rows, outcomes
 
 
-def _selected_row(cand: Candidate, row: dict[str, Any]) -> dict[str, Any]:
+def _selected_row(cand: Record, row: dict[str, Any]) -> dict[str, Any]:
     def num(x):
         return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from reflect_tune.artifacts import check_output_folder, clear_folder, write_failure
+from reflect_tune.config import SettingError, StudentConfig
 from reflect_tune.errors import ModelError, ReflectTuneError
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,20 @@ def _remap(state: dict, kept: list[int], n_teacher: int, spec: str) -> dict:
     return out
 
 
-def make_student(source: str, layers: int, output: str, *, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
-    """Write a student of `layers` decoder layers cut from teacher `source` into the folder `output`.
+def validate(cfg: StudentConfig) -> None:
+    """The layer count and the output folder, before any model is looked at."""
+    if cfg.layers < 1:
+        raise SettingError("layers", f"--layers {cfg.layers}: a student needs at least 1 decoder layer")
+    _check_output(Path(cfg.output), cfg.overwrite, [cfg.teacher])
+
+
+def run(cfg: StudentConfig) -> dict:
+    """Write a student of `cfg.layers` decoder layers cut from `cfg.teacher` into the folder `cfg.output`.
 
     Kept teacher layers are `layer_indices(L, layers)` (every k-th, from layer 0). The folder holds
     the HF model (safetensors), the teacher's tokenizer and generation config, and `meta.json`,
     which appears together with everything else (the folder is built aside and renamed into place).
+    Returns the summary (also in meta.json).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -103,10 +112,8 @@ def make_student(source: str, layers: int, output: str, *, overwrite: bool = Fal
     from reflect_tune.artifacts import claim_folder, fix_modes, provenance, replace_folder, sweep_temporaries, write_meta
     from reflect_tune.models import load_model, load_tokenizer, resolve_model
 
-    out = Path(output)
-    _check_output(out, overwrite, [source])
-    if layers < 1:
-        raise ReflectTuneError(f"--layers {layers}: a student needs at least 1 decoder layer")
+    validate(cfg)
+    source, layers, out, overwrite, trust_remote_code = cfg.teacher, cfg.layers, Path(cfg.output), cfg.overwrite, cfg.trust_remote_code
     resolved = resolve_model(source)
     _check_output(out, overwrite, [resolved.path])  # a bundled or cached teacher, by its folder
     n_config = _teacher_layer_count(resolved.path, trust_remote_code)
@@ -136,8 +143,7 @@ def make_student(source: str, layers: int, output: str, *, overwrite: bool = Fal
     summary = {"output": str(out), "teacher_layers": n_teacher, "kept_layers": kept,
                "parameters": params, "teacher_parameters": teacher_params}
 
-    config = {"from": source, "layers": layers, "output": str(out), "trust_remote_code": trust_remote_code}
-    meta = provenance("make-student", config, inputs=[resolved.path] if Path(resolved.path).exists() else [])
+    meta = provenance("make-student", cfg, inputs=[resolved.path] if Path(resolved.path).exists() else [])
     meta.update(teacher=resolved.path, teacher_source=resolved.source, **summary)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,27 @@
 """The `train` stage: instruction tuning (full, LoRA, QLoRA) with optional white-box logit KD.
 
-The loop is written out, torchtune-style:
+`run(cfg)` is the recipe, written out top to bottom in the manner of torchtune's recipes:
 
     records -> (input_ids, targets) per example, loss on response tokens only
             -> per-epoch shuffled micro-batches (optionally packed, one block-diagonal
                causal mask per row via restarting position_ids)
-            -> optimizer steps of `world × grad_accum` micro-batches; every micro-batch loss is
-               a token *sum* divided by the step's total token count, so accumulation and data
-               parallelism give the gradient of the mean over the step's tokens
-            -> AdamW, cosine schedule with warmup, gradient clipping
-            -> checkpoints (weights, optimizer, scheduler, RNG, data position), final HF save.
+            -> for each optimizer step of `world × grad_accum` micro-batches: forward, loss,
+               backward per micro-batch (each loss a token *sum* divided by the step's total token
+               count, so accumulation and data parallelism give the gradient of the mean over the
+               step's tokens), then clip, AdamW step, cosine schedule, log, checkpoint
+            -> the final HF save.
 
-`targets` are aligned with the inputs (`targets[t]` is the token after `input_ids[t]`), so a
-packed row never asks one sequence to predict the next one. With a teacher the loss is
-`(1 − kd_ratio)·CE + kd_ratio·T²·D(teacher^T ‖ student^T)` from `reflect_tune.losses`,
-memory-lean (chunked from final hidden states) by default. The output folder is described in
-docs/FORMATS.md §8.4.
+The helpers it calls build things (examples, models, batches, the loss) and write things
+(checkpoints, the log, the final folder); the loop itself is in `run`. `targets` are aligned with
+the inputs (`targets[t]` is the token after `input_ids[t]`), so a packed row never asks one
+sequence to predict the next one. With a teacher the loss is
+`(1 − kd_ratio)·CE + kd_ratio·T²·D(teacher^T ‖ student^T)` from `reflect_tune.losses`, memory-lean
+(chunked from final hidden states) by default. The output folder: docs/FORMATS.md §8.4.
 """
 
 from __future__ import annotations
 
 import csv
-from contextlib import contextmanager, nullcontext
 import dataclasses
 import importlib.util
 import io
@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -64,11 +65,11 @@ from reflect_tune.checkpoint import (
     save_checkpoint,
     set_aside,
 )
-from reflect_tune.config import load_yaml
-from reflect_tune.data import load_records
+from reflect_tune.config import SettingError, TrainConfig
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip
 from reflect_tune.losses import IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, naive_distill_loss
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
+from reflect_tune.records import load_records
 from reflect_tune.templates import alpaca_prompt
 
 log = logging.getLogger(__name__)
@@ -84,128 +85,40 @@ OUTPUT_NAMES = ("checkpoints", "train_log.csv", "eval_before.json", "loss.png", 
                 "merged", ".final.tmp", ".merged.tmp")
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. YAML keys and CLI flags share these names (`-` or `_`)."""
-
-    data: str = ""
-    output: str = ""
-    model: str = ""
-    method: str = "lora"  # lora | qlora | full
-    epochs: int = 1
-    lr: Optional[float] = None  # default: 2e-4 for LoRA/QLoRA, 2e-5 for full
-    batch_size: int = 4
-    grad_accum: int = 4
-    max_length: int = 1024
-    packing: bool = False
-    template: str = "chat"  # chat | alpaca
-    teacher: Optional[str] = None
-    kd_ratio: float = 0.5
-    kd_loss: str = "forward_kl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    skew_alpha: float = 0.1
-    kd_impl: str = "chunked"  # chunked (memory-lean) | naive (full logits)
-    kd_chunk_size: Optional[int] = None
-    teacher_dtype: str = "auto"
-    resume: bool = False
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    merge: bool = False
-    max_steps: Optional[int] = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target: str = "all-linear"
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    eval_samples: int = 32  # CE on the first N examples before and after training (meta.json); 0: off
-    format: Optional[str] = None
-    split: Optional[str] = None
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
+# ----------------------------------------------------------------------------- settings
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config: a mapping whose keys are TrainConfig fields (`kd-ratio` or `kd_ratio`).
-    Duplicate keys, alias bombs and unreadable files are refused with FILE:LINE (config.load_yaml)."""
-    raw, lines = load_yaml(path)
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ReflectTuneError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name in METHODS:  # `lora: true` / `full: true`, like the flags
-            if value is True:
-                out["method"] = name
-            continue
-        if name not in known:
-            where = f"{path}:{lines[name]}" if name in lines else str(path)
-            raise ReflectTuneError(f"{where}: key {clip(str(key))}: unknown setting (known: {', '.join(sorted(known))})")
-        if isinstance(value, str) and "float" in known[name]:  # YAML 1.1 reads `1e-4` (no dot) as text
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        out[name] = value
-    return out
-
-
-def setting_type(hint: str) -> str:
-    """A config dataclass field's type text without its optionality: 'Optional[int]' / 'int | None' -> 'int'."""
-    return hint.replace("Optional[", "").replace(" | None", "").rstrip("]").strip()
-
-
-def fits_type(value: Any, base: str) -> bool:
-    """Whether a YAML value suits a setting of type `base` (int, float, bool, str; others are not checked)."""
-    return {"int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(base, True)
-
-
-def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < YAML file < flags (an override of None means "not given"), then validated."""
-    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for name, value in values.items():
-        want = setting_type(types[name])
-        if not fits_type(value, want) and not (value is None and types[name].startswith("Optional")):
-            raise ReflectTuneError(f"setting '{name}': expected {want}, got {clip(value)}")
-        if want == "float" and value is not None:
-            values[name] = float(value)
-    cfg = TrainConfig(**values)
-    validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """One line naming the first bad setting."""
+def validate(cfg: TrainConfig) -> None:
+    """Every setting, then the output folder; one line naming the first problem, before any work."""
     choices = {"method": METHODS, "template": TEMPLATES, "kd_loss": KD_LOSSES, "kd_impl": ("chunked", "naive"),
                "mixed_precision": ("auto", "no", "bf16", "fp16")}
     checks = [(n, "required", not getattr(cfg, n)) for n in ("data", "output", "model")]
-    checks += [(n, f"{getattr(cfg, n)!r} is not one of {', '.join(c)}", getattr(cfg, n) not in c) for n, c in choices.items()]
+    checks += [(n, f"{clip(getattr(cfg, n))} is not one of {', '.join(c)}", getattr(cfg, n) not in c) for n, c in choices.items()]
     checks += [(n, "must be at least 1", getattr(cfg, n) < 1) for n in ("epochs", "batch_size", "grad_accum", "lora_r", "keep_checkpoints")]
     checks += [(n, "must be between 0 and 1", not 0.0 <= getattr(cfg, n) <= 1.0)
                for n in ("kd_ratio", "beta", "skew_alpha", "warmup_ratio", "lora_dropout")]
     checks += [("max_length", "must be at least 2", cfg.max_length < 2), ("save_every", "must be >= 0", cfg.save_every < 0),
                ("eval_samples", "must be >= 0", cfg.eval_samples < 0),
                ("max_steps", "must be at least 1", cfg.max_steps is not None and cfg.max_steps < 1),
-               ("temperature", "must be > 0", not cfg.temperature > 0), ("lr", "must be > 0", cfg.lr is not None and not cfg.lr > 0),
+               ("kd_temperature", "must be > 0", not cfg.kd_temperature > 0),
+               ("lr", "must be > 0", cfg.lr is not None and not cfg.lr > 0),
                ("merge", "only for --lora/--qlora (a full fine-tune is already a whole model)", cfg.merge and cfg.method == "full")]
     for name, why, failed in checks:
         if failed:
-            raise ReflectTuneError(f"setting '{name}': {why}")
+            raise SettingError(name, f"setting '{name}': {why}")
+    out = Path(cfg.output)
+    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher])  # not a file, holds no input, writable
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not (cfg.resume or cfg.overwrite):
+        raise ReflectTuneError(f"{out}: not empty; pass --resume to continue its run, --overwrite to replace it, "
+                               "or choose a new --output")
+    if nonempty and cfg.resume and not cfg.overwrite and not _is_train_folder(out):
+        raise ReflectTuneError(f"{out}: not a folder that reflect-tune train wrote; --resume continues only a train "
+                               "run's own folder. Choose a new --output")
+    if cfg.resume and not cfg.overwrite and (out / "meta.json").is_file() and latest_checkpoint(out) is None:
+        raise ReflectTuneError(f"{out}: holds a finished run and no checkpoint to resume from; pass --overwrite to train again")
+    if nonempty and cfg.overwrite and not cfg.resume:
+        clear_folder(out, "train", OUTPUT_NAMES, check_only=True)  # refuses a foreign folder before any work
 
 
 def _is_train_folder(out: Path) -> bool:
@@ -379,8 +292,11 @@ def lean_path_ok(model) -> bool:
     return rebuilt.shape == logits.shape and torch.allclose(rebuilt.float(), logits.float(), rtol=tol, atol=tol)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossSetup:
+    """What the loss needs besides the batch: the vocabulary, the frozen teacher (None: CE only), the
+    memory-lean path, and the KD settings."""
+
     vocab_size: int
     teacher: Any = None
     lean: bool = True
@@ -411,27 +327,20 @@ def micro_batch_loss(student: torch.nn.Module, head: torch.Tensor, batch: dict, 
     return naive_distill_loss(student(**inputs, hidden=False), targets, t_out, **kd)
 
 
-def accumulate_gradients(student, head, micro_batches: list[dict], setup: LossSetup, total_tokens: int,
-                         world_size: int = 1, accelerator=None) -> dict[str, float]:
-    """Backward over one step's micro-batches of this rank. Each loss is a token sum over
-    `total_tokens` (the step's count over all ranks) times `world_size` (DDP averages), so the
-    summed gradient is that of the mean loss over every token of the step."""
-    sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-    scale = world_size / max(total_tokens, 1)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = nullcontext() if (last or accelerator is None) else accelerator.no_sync(student)
-        with sync:
-            out = micro_batch_loss(student, head, batch, setup)
-            loss = out.loss * scale
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
-        sums["loss"] += float(out.loss.detach())
-        sums["ce"] += float(out.ce)
-        sums["kd"] += float(out.kd)
-    return sums
+def load_teacher(cfg: TrainConfig, device, precision: str, vocab: int, student_rows: int):
+    """The frozen KD teacher (eval mode, no grad), or None; bf16 when training in bf16 (or as
+    `teacher_dtype` says). Its output rows must cover the tokenizer; padding may differ from the student's."""
+    if not cfg.teacher:
+        return None
+    dtype = cfg.teacher_dtype if cfg.teacher_dtype != "auto" else ("bfloat16" if precision == "bf16" else "auto")
+    teacher = load_model(cfg.teacher, dtype=dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    rows = _head_weight(teacher).shape[0]
+    if rows < vocab:
+        raise ModelError(f"teacher {cfg.teacher}: {rows} output rows, fewer than the tokenizer's {vocab} tokens")
+    if rows != student_rows:
+        log.info("vocabulary padding differs (student %d, teacher %d rows); using the tokenizer's %d", student_rows, rows, vocab)
+    return teacher
 
 
 def check_tokenizers(student_tok, teacher_tok, student: str, teacher: str) -> None:
@@ -552,6 +461,26 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def eval_loss(model, head: torch.Tensor, examples: list[Example], n: int, batch_size: int, pad_id: int,
+              setup: LossSetup, accelerator) -> float | None:
+    """Mean response-token cross-entropy of the model on the first `n` examples (the same ones before
+    and after training; no teacher term), or None when `n` is 0."""
+    n = min(n, len(examples))
+    if n == 0:
+        return None
+    ce_setup = dataclasses.replace(setup, teacher=None, kd_ratio=0.0)
+    total = tokens = 0.0
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for i in range(0, n, batch_size):  # unpacked, so every example is scored on its own
+            batch = collate([[e] for e in examples[i : min(i + batch_size, n)]], pad_id, packed=False)
+            batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            total += float(micro_batch_loss(model, head, batch, ce_setup).ce)
+            tokens += batch["tokens"]
+    model.train()
+    return round(total / max(tokens, 1), 6)
+
+
 def save_final(out: Path, model, tok, cfg: TrainConfig, meta: dict, accelerator) -> None:
     """The HF model (or adapter), tokenizer, config, log plot and provenance in OUTDIR."""
     tmp = out / ".final.tmp"
@@ -602,231 +531,180 @@ def merge_adapter(out: Path, cfg: TrainConfig, tok, meta: dict) -> Path:
     return final
 
 
+
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class _Run:
-    """What the loop needs, built once by `_setup`."""
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as `cfg` says; returns the summary (also in OUTDIR/meta.json, under `result`).
 
-    cfg: TrainConfig
-    out: Path
-    accelerator: Any
-    tok: Any
-    examples: list
-    plan: list  # per epoch, its micro-batches
-    model: Any  # the prepared (maybe DDP-wrapped) StudentLM
-    head: torch.Tensor
-    optimizer: Any
-    scheduler: Any
-    setup: LossSetup
-    params: list
-    total_steps: int
-    meta: dict
-
-
-def _setup(cfg: TrainConfig) -> _Run:
-    from accelerate import Accelerator
-
-    validate_config(cfg)
-    out = Path(cfg.output)
-    # everything cheap is checked before any weights load: the output folder first
-    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher])  # not a file, holds no input, writable
-    nonempty = out.is_dir() and any(out.iterdir())
-    if nonempty and not (cfg.resume or cfg.overwrite):
-        raise ReflectTuneError(f"{out}: not empty; pass --resume to continue its run, --overwrite to replace it, "
-                               "or choose a new --output")
-    if nonempty and cfg.resume and not cfg.overwrite and not _is_train_folder(out):
-        raise ReflectTuneError(f"{out}: not a folder that reflect-tune train wrote; --resume continues only a train "
-                               "run's own folder. Choose a new --output")
-    if cfg.resume and not cfg.overwrite and (out / "meta.json").is_file() and latest_checkpoint(out) is None:
-        raise ReflectTuneError(f"{out}: holds a finished run and no checkpoint to resume from; pass --overwrite to train again")
-    if nonempty and cfg.overwrite and not cfg.resume:
-        clear_folder(out, "train", OUTPUT_NAMES, check_only=True)  # refuses a foreign folder before any work
-    explain_empty_selection(cfg.data)
-    records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop")
-    for line in report.warnings():
-        log.warning("warning: %s", line)
-    student = resolve_model(cfg.model)
-    tok = load_tokenizer(student, trust_remote_code=cfg.trust_remote_code)
-    if cfg.teacher:
-        check_tokenizers(tok, load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code), cfg.model, cfg.teacher)
-    examples, data_stats = build_examples(records, tok, cfg)
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
-    if cfg.overwrite and not cfg.resume and accelerator.is_main_process and out.is_dir():
-        clear_folder(out, "train", OUTPUT_NAMES)  # only what train wrote there
-    if accelerator.is_main_process:
-        claim_folder(out, "train")
-    accelerator.wait_for_everyone()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    model = load_student(cfg, accelerator.device)
-    vocab, rows = len(tok), _head_weight(model).shape[0]
-    if rows < vocab:
-        raise ModelError(f"{cfg.model}: {rows} output rows, fewer than the tokenizer's {vocab} tokens")
-    teacher = None
-    if cfg.teacher:
-        # frozen, eval mode, no grad; bf16 when training in bf16 (or as `teacher_dtype` says)
-        dtype = cfg.teacher_dtype if cfg.teacher_dtype != "auto" else ("bfloat16" if mp == "bf16" else "auto")
-        teacher = load_model(cfg.teacher, dtype=dtype, device=str(accelerator.device), trust_remote_code=cfg.trust_remote_code)
-        teacher.eval().requires_grad_(False)
-        t_rows = _head_weight(teacher).shape[0]
-        if t_rows < vocab:
-            raise ModelError(f"teacher {cfg.teacher}: {t_rows} output rows, fewer than the tokenizer's {vocab} tokens")
-        if t_rows != rows:
-            log.info("vocabulary padding differs (student %d, teacher %d rows); using the tokenizer's %d", rows, t_rows, vocab)
-    # the chunked loss reads the output weight outside forward: whole weights only (not FSDP / ZeRO-3 shards)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    sharded = accelerator.distributed_type.name == "FSDP" or getattr(ds, "zero_stage", 0) == 3
-    lean = cfg.kd_impl == "chunked" and not sharded and lean_path_ok(model) and (teacher is None or lean_path_ok(teacher))
-    if cfg.kd_impl == "chunked" and not lean:
-        log.warning("warning: sharded weights or an output layer that is not a plain linear map; using full logits")
-
-    plan = [epoch_micro_batches(examples, cfg, e) for e in range(cfg.epochs)]
-    steps = sum(math.ceil(len(mbs) / (accelerator.num_processes * cfg.grad_accum)) for mbs in plan)
-    total_steps = steps if cfg.max_steps is None else min(cfg.max_steps, steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=resolved_lr(cfg), weight_decay=cfg.weight_decay)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, warmup, total_steps))
-    wrapped, optimizer = accelerator.prepare(StudentLM(model), optimizer)
-    config = config_dict(cfg)
-    teacher_path = resolve_model(cfg.teacher).path if cfg.teacher else None  # cached after the first resolve
-    meta = provenance("train", config, inputs=[p for p in (cfg.data, student.path, teacher_path) if p and Path(p).exists()])
-    meta.update(data=data_stats, load_report=report.__dict__)  # meta["config"]: the config, redacted
-    return _Run(cfg, out, accelerator, tok, examples, plan, wrapped, _head_weight(accelerator.unwrap_model(wrapped).lm),
-                optimizer, scheduler, LossSetup(vocab, teacher, lean, cfg.kd_ratio, cfg.kd_loss, cfg.temperature, cfg.beta,
-                                                           cfg.skew_alpha, cfg.kd_chunk_size), params, total_steps, meta)
-
-
-def _optimizer_step(run: _Run, group_mbs: list) -> tuple[dict, int, int]:
-    """One optimizer step over a group of micro-batches (all ranks'); returns (sums, tokens, samples)."""
-    acc, world = run.accelerator, run.accelerator.num_processes
-    pad_id = run.tok.pad_token_id if run.tok.pad_token_id is not None else 0
-    batches = [collate([[run.examples[i] for i in row] for row in mb], pad_id, run.cfg.packing) for mb in group_mbs]
-    step_tokens = sum(b["tokens"] for b in batches)
-    mine = batches[acc.process_index :: world]
-    while len(mine) < math.ceil(len(batches) / world):  # a short last step: this rank adds a no-op
-        mine.append({**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX), "tokens": 0})
-    mine = [{k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in mine]
-    with acc.autocast():
-        sums = accumulate_gradients(run.model, run.head, mine, run.setup, step_tokens, world, acc)
-    totals = acc.reduce(torch.tensor([sums["loss"], sums["ce"], sums["kd"]], dtype=torch.float64, device=acc.device), "sum")
-    sums = dict(zip(("loss", "ce", "kd"), (float(x) / max(step_tokens, 1) for x in totals.tolist())))
-    norm = acc.clip_grad_norm_(run.params, run.cfg.max_grad_norm)  # None where DeepSpeed clips itself
-    sums["grad_norm"] = float(norm) if norm is not None else math.nan
-    sums["lr"] = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return sums, step_tokens, sum(len(row) for mb in group_mbs for row in mb)
-
-
-def eval_loss(run: _Run) -> float | None:
-    """Mean response-token cross-entropy of the model on the first `eval_samples` examples (the
-    same ones before and after training; no teacher term), or None when switched off."""
-    n = min(run.cfg.eval_samples, len(run.examples))
-    if n == 0:
-        return None
-    acc = run.accelerator
-    pad_id = run.tok.pad_token_id if run.tok.pad_token_id is not None else 0
-    ce_setup = dataclasses.replace(run.setup, teacher=None, kd_ratio=0.0)
-    total = tokens = 0.0
-    run.model.eval()
-    with torch.no_grad(), acc.autocast():
-        for i in range(0, n, run.cfg.batch_size):  # unpacked, so every example is scored on its own
-            batch = collate([[e] for e in run.examples[i : min(i + run.cfg.batch_size, n)]], pad_id, packed=False)
-            batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            total += float(micro_batch_loss(run.model, run.head, batch, ce_setup).ce)
-            tokens += batch["tokens"]
-    run.model.train()
-    return round(total / max(tokens, 1), 6)
-
-
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a training described by `cfg`; returns a summary (also stored in OUTDIR/meta.json)."""
+    Under `accelerate launch` / `torchrun` every process runs this; the main one holds the output's
+    lock, writes the log, the checkpoints' shared files and the final folder.
+    """
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
+    validate(cfg)
     hf_logging.disable_progress_bar()  # our own bar is enough
-    validate_config(cfg)
-    if os.environ.get("RANK", "0") != "0":  # one lock per run: the main process holds it
-        return _train(cfg)
-    with exclusive(lock_beside(cfg.output), f"{cfg.output}"):  # two trainings into one folder would mix
-        return _train(cfg)
+    out = Path(cfg.output)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with exclusive(lock_beside(out), str(out)) if main_rank else nullcontext(), _writes_checked(out):
+        # data: read, tokenized and checked before any weights load
+        explain_empty_selection(cfg.data)
+        records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop")
+        for line in report.warnings():
+            log.warning("warning: %s", line)
+        tok = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        if cfg.teacher:
+            check_tokenizers(tok, load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code), cfg.model, cfg.teacher)
+        examples, data_stats = build_examples(records, tok, cfg)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
+        # processes, the output folder, the models
+        acc, precision = make_accelerator(cfg)
+        main, world = acc.is_main_process, acc.num_processes
+        if main:
+            if cfg.overwrite and not cfg.resume:
+                clear_folder(out, "train", OUTPUT_NAMES)  # only what train wrote there
+            claim_folder(out, "train")
+        acc.wait_for_everyone()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        student = load_student(cfg, acc.device)
+        if _head_weight(student).shape[0] < len(tok):
+            raise ModelError(f"{cfg.model}: {_head_weight(student).shape[0]} output rows, fewer than the tokenizer's {len(tok)} tokens")
+        teacher = load_teacher(cfg, acc.device, precision, len(tok), _head_weight(student).shape[0])
+        # the chunked loss reads the output weight outside forward: whole weights only (not FSDP / ZeRO-3 shards)
+        ds = getattr(acc.state, "deepspeed_plugin", None)
+        sharded = acc.distributed_type.name == "FSDP" or getattr(ds, "zero_stage", 0) == 3
+        lean = cfg.kd_impl == "chunked" and not sharded and lean_path_ok(student) and (teacher is None or lean_path_ok(teacher))
+        if cfg.kd_impl == "chunked" and not lean:
+            log.warning("warning: sharded weights or an output layer that is not a plain linear map; using full logits")
+        setup = LossSetup(vocab_size=len(tok), teacher=teacher, lean=lean, kd_ratio=cfg.kd_ratio, kd_loss=cfg.kd_loss,
+                          temperature=cfg.kd_temperature, beta=cfg.beta, alpha=cfg.skew_alpha, chunk_size=cfg.kd_chunk_size)
 
-def _train(cfg: TrainConfig) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        # the plan of every epoch, the optimizer and its schedule
+        plan = [epoch_micro_batches(examples, cfg, e) for e in range(cfg.epochs)]
+        group = world * cfg.grad_accum  # micro-batches per optimizer step, over all processes
+        total_steps = sum(math.ceil(len(mbs) / group) for mbs in plan)
+        total_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=resolved_lr(cfg), weight_decay=cfg.weight_decay)
+        warmup = int(round(cfg.warmup_ratio * total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, warmup, total_steps))
+        model, optimizer = acc.prepare(StudentLM(student), optimizer)
+        head = _head_weight(acc.unwrap_model(model).lm)
+        teacher_path = resolve_model(cfg.teacher).path if cfg.teacher else None
+        meta = provenance("train", config_dict(cfg), inputs=[p for p in (cfg.data, resolve_model(cfg.model).path, teacher_path)
+                                                            if p and Path(p).exists()])
+        meta.update(data=data_stats, load_report=report.__dict__)  # meta["config"]: the config, redacted
 
-    run = _setup(cfg)
-    acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
-    with _writes_checked(out):  # a failed write (disk full, read-only) is one line; checkpoints stay intact
-        group = acc.num_processes * cfg.grad_accum
+        # where to start: a checkpoint, or step 0
         step = tokens_seen = samples_seen = start_epoch = start_mb = 0
         resumed_from = None
         if cfg.resume:
-            state, ckpt = resume_state(run)
+            state, ckpt = resume_state(out, cfg, model, optimizer, scheduler, acc)
             if ckpt is None:
                 log.warning("warning: %s: no checkpoint to resume from; starting from scratch", out)
             else:
                 step, tokens_seen, samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
                 start_epoch, start_mb = state["data_position"]["epoch"], state["data_position"]["micro_batch"]
                 resumed_from = str(ckpt)
-                log.info("resuming from %s (step %d of %d)", ckpt, step, run.total_steps)
+                log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
         log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
         if main:
             _append_log(log_path, [], keep_until=step)
         if resumed_from and eval_path.is_file():  # measured before the first step of the run being resumed
             loss_before = json.loads(eval_path.read_text())["loss"]
         else:
-            loss_before = eval_loss(run) if step == 0 else None
+            loss_before = eval_loss(model, head, examples, cfg.eval_samples, cfg.batch_size, pad_id, setup, acc) if step == 0 else None
             if main:
-                atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(run.examples))}))
+                atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(examples))}))
+
+        # the loop
         progress = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), TaskProgressColumn(),
                             TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not (main and cfg.progress))
         run_start, run_tokens, last = time.time(), 0, {}
         with progress:
-            task = progress.add_task("train", total=run.total_steps, completed=step, loss="-", tps="-")
+            task = progress.add_task("train", total=total_steps, completed=step, loss="-", tps="-")
             for epoch in range(start_epoch, cfg.epochs):
-                mbs = run.plan[epoch]
+                mbs = plan[epoch]
                 for g0 in range(start_mb if epoch == start_epoch else 0, len(mbs), group):
-                    if step >= run.total_steps:
+                    if step >= total_steps:
                         break
                     t0 = time.time()
-                    sums, step_tokens, n_samples = _optimizer_step(run, mbs[g0 : g0 + group])
-                    step, tokens_seen, samples_seen = step + 1, tokens_seen + step_tokens, samples_seen + n_samples
+                    step_mbs = mbs[g0 : g0 + group]
+                    batches = [collate([[examples[i] for i in row] for row in mb], pad_id, cfg.packing) for mb in step_mbs]
+                    step_tokens = sum(b["tokens"] for b in batches)  # over every process: the mean's denominator
+                    mine = rank_share(batches, acc)
+                    sums = torch.zeros(3, dtype=torch.float64)  # token sums of loss, CE, KD on this process
+                    for i, batch in enumerate(mine):
+                        # gradients are averaged over processes only on the last micro-batch of the step
+                        sync = nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
+                        with sync, acc.autocast():
+                            losses = micro_batch_loss(model, head, batch, setup)  # forward and loss: token sums
+                            acc.backward(losses.loss * world / max(step_tokens, 1))  # -> grad of the step's mean
+                        sums += torch.tensor([float(losses.loss.detach()), float(losses.ce), float(losses.kd)], dtype=torch.float64)
+                    loss, ce, kd = (float(x) / max(step_tokens, 1) for x in acc.reduce(sums.to(acc.device), "sum").tolist())
+                    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)  # None where DeepSpeed clips itself
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                    step, tokens_seen = step + 1, tokens_seen + step_tokens
+                    samples_seen += sum(len(row) for mb in step_mbs for row in mb)
                     run_tokens += step_tokens
                     tps = run_tokens / max(time.time() - run_start, 1e-9)
                     last = {"step": step, "epoch": round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4), "tokens": tokens_seen,
-                            "loss": f"{sums['loss']:.6f}", "ce_loss": f"{sums['ce']:.6f}",
-                            "kd_loss": f"{sums['kd']:.6f}" if cfg.teacher else "", "lr": f"{sums['lr']:.6g}",
-                            "grad_norm": f"{sums['grad_norm']:.6f}", "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
+                            "loss": f"{loss:.6f}", "ce_loss": f"{ce:.6f}", "kd_loss": f"{kd:.6f}" if cfg.teacher else "",
+                            "lr": f"{lr:.6g}", "grad_norm": f"{float(grad_norm) if grad_norm is not None else math.nan:.6f}",
+                            "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
                     if main:
                         _append_log(log_path, [last])
-                    progress.update(task, completed=step, loss=f"{sums['loss']:.4f}", tps=f"{tps:,.0f}")
-                    if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
+                    progress.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+                    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                         nxt = g0 + group
                         position = {"epoch": epoch, "micro_batch": nxt} if nxt < len(mbs) else {"epoch": epoch + 1, "micro_batch": 0}
-                        save_checkpoint(out, step, run.model, run.optimizer, run.scheduler,
+                        save_checkpoint(out, step, model, optimizer, scheduler,
                                         {"step": step, "epoch": epoch, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
-                                         "data_position": position, "world_size": acc.num_processes, "config": run.meta["config"]},
+                                         "data_position": position, "world_size": world, "config": meta["config"]},
                                         acc, cfg.keep_checkpoints)
-        summary = {"steps": step, "total_steps": run.total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
-                   "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before, "loss_after": eval_loss(run),
-                   "eval_examples": min(cfg.eval_samples, len(run.examples)), "vocab_size": run.setup.vocab_size,
-                   "world_size": acc.num_processes, "lean_loss": run.setup.lean, "resumed_from": resumed_from,
+
+        # the end: the summary, the final folder
+        summary = {"steps": step, "total_steps": total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
+                   "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before,
+                   "loss_after": eval_loss(model, head, examples, cfg.eval_samples, cfg.batch_size, pad_id, setup, acc),
+                   "eval_examples": min(cfg.eval_samples, len(examples)), "vocab_size": setup.vocab_size,
+                   "world_size": world, "lean_loss": lean, "resumed_from": resumed_from,
                    "wall_s": round(time.time() - run_start, 1)}
-        run.meta["result"] = summary
+        meta["result"] = summary
         if main:
-            save_final(out, run.model, run.tok, cfg, run.meta, acc)
+            save_final(out, model, tok, cfg, meta, acc)
         acc.wait_for_everyone()
         return {**summary, "is_main": main}
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The Accelerator for this run and its precision: bf16 on a CUDA GPU that has it (`auto`), else fp32."""
+    from accelerate import Accelerator
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available()), precision
+
+
+def rank_share(batches: list[dict], acc) -> list[dict]:
+    """This process's micro-batches of a step, on its device. A short last step gives a process
+    fewer than the others; it adds no-op batches (no targets) so every process calls backward
+    the same number of times, as DDP needs."""
+    world = acc.num_processes
+    mine = batches[acc.process_index :: world]
+    while len(mine) < math.ceil(len(batches) / world):
+        mine.append({**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX), "tokens": 0})
+    return [{k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in mine]
 
 
 @contextmanager
@@ -838,20 +716,19 @@ def _writes_checked(out: Path):
                                f"{out / 'checkpoints'} are intact (continue with --resume once there is room)") from None
 
 
-def resume_state(run: _Run) -> tuple[dict, Optional[Path]]:
+def resume_state(out: Path, cfg: TrainConfig, model, optimizer, scheduler, acc) -> tuple[dict, Optional[Path]]:
     """Load the newest checkpoint that reads back whole; a damaged one is set aside with a warning.
     Returns (trainer_state, checkpoint), or ({}, None) when the folder has none."""
-    found, bad = checkpoints(run.out), []
-    for ckpt in found:
+    bad = []
+    for ckpt in checkpoints(out):
         try:
-            files = read_checkpoint(ckpt, run.cfg.method == "full", run.accelerator)
-            check_resume_config(ckpt, run.cfg, files["config"])
-            state = load_checkpoint(ckpt, files, run.model, run.optimizer, run.scheduler, run.cfg.method == "full",
-                                    run.accelerator)
+            files = read_checkpoint(ckpt, cfg.method == "full", acc)
+            check_resume_config(ckpt, cfg, files["config"])
+            state = load_checkpoint(ckpt, files, model, optimizer, scheduler, cfg.method == "full", acc)
         except CorruptCheckpoint as e:
             bad.append(f"{ckpt.name}: {e}")
-            run.accelerator.wait_for_everyone()
-            if run.accelerator.is_main_process:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
                 moved = set_aside(ckpt)
                 log.warning("warning: %s cannot be read back (%s); moved it to %s and trying the one before", ckpt, e, moved.name)
             continue
@@ -859,7 +736,7 @@ def resume_state(run: _Run) -> tuple[dict, Optional[Path]]:
             log.warning("warning: resuming from %s, the newest checkpoint that loads", ckpt)
         return state, ckpt
     if bad:
-        raise ReflectTuneError(f"{run.out}: no checkpoint loads ({'; '.join(bad)}); pass --overwrite to train from the start")
+        raise ReflectTuneError(f"{out}: no checkpoint loads ({'; '.join(bad)}); pass --overwrite to train from the start")
     return {}, None
 
 

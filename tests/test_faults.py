@@ -131,7 +131,7 @@ def stage_args(stage: str, data: Path, out: Path, model: Path) -> list[str]:
         "select": ["select", str(data), "-o", str(out), *common, "--top-k", "4", "--batch-tokens", "256"],
         "train": ["train", str(data), "-o", str(out), *common, "--full", "--batch-size", "2", "--grad-accum", "1",
                   "--max-length", "96", "--epochs", "2", "--save-every", "2", "--lr", "0.001", "--no-progress"],
-        "make-student": ["make-student", "--from", str(model), "--layers", "1", "-o", str(out)],
+        "make-student": ["make-student", "--teacher", str(model), "--layers", "1", "-o", str(out)],
     }[stage]
 
 
@@ -199,7 +199,7 @@ def test_reflect_killed_at_a_random_point_pays_at_most_what_was_on_the_wire(tmp_
                    "--cache-dir", str(tmp_path / "ref-cache"), "--no-progress").returncode == 0
         span, needed = time.time() - t0, srv.stats()["chat_requests"]
         args = ["reflect", str(data), "-o", str(tmp_path / "o.jsonl"), "--model", "m", "--base-url", srv.base_url,
-                "--cache-dir", str(tmp_path / "cache"), "-c", "4", "--no-progress"]
+                "--cache-dir", str(tmp_path / "cache"), "--concurrency", "4", "--no-progress"]
         kill_at_random(args, span, random.Random(f"{SEED}-reflect"))
         assert run(*args).returncode == 0
         paid = srv.stats()["chat_requests"] - needed
@@ -221,7 +221,7 @@ def test_reflect_on_a_full_disk_keeps_every_paid_reply_and_never_pays_twice(tmp_
     reserve = RequestCache.RESERVE_BYTES
     with FakeOpenAI(latency=0.02) as srv, Tmpfs(disk, f"{reserve // 1024 + 200}k") as fs:
         args = ["reflect", str(data), "-o", str(tmp_path / "o.jsonl"), "--model", "m", "--base-url", srv.base_url,
-                "--cache-dir", str(disk / "cache"), "-c", "8", "--no-progress", "--stages", "response"]
+                "--cache-dir", str(disk / "cache"), "--concurrency", "8", "--no-progress", "--stages", "response"]
         r = run(*args)
         assert r.returncode == 2, r.stderr
         assert "the disk holding the request cache is full; stopped before sending more" in one_error_line(r.stderr)

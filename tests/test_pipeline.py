@@ -32,7 +32,7 @@ def write_pipeline(folder: Path, config: dict, name: str = "pipeline.yaml") -> P
 def base_config(data: str = "data.jsonl") -> dict:
     return {
         "name": "t", "data": data,
-        "student": {"from": "teacher-model", "layers": 1},
+        "student": {"teacher": "teacher-model", "layers": 1},
         "reflect": {"model": "fake-model", "base_url": "${FAKE_URL:-http://127.0.0.1:9/v1}", "max_tokens": 64},
         "select": {"top_k": 3},
         "train": {"method": "full", "max_steps": 2, "batch_size": 2, "grad_accum": 1, "eval_samples": 3},

@@ -43,7 +43,7 @@ def common(srv: FakeOpenAI, out: Path, cache: Path, *extra: str) -> list[str]:
 def test_reflect_end_to_end_then_rerun_makes_zero_calls(tmp_path):
     out, cache = tmp_path / "reflected.jsonl", tmp_path / "cache"
     with FakeOpenAI(api_key=KEY) as srv:
-        first = reflect(str(EXAMPLES), *common(srv, out, cache, "-c", "8"))
+        first = reflect(str(EXAMPLES), *common(srv, out, cache, "--concurrency", "8"))
         assert first.returncode == 0, first.stderr
         calls = srv.stats()["chat_requests"]
         assert calls == 32 * 3  # three variants per record, each answered first time
@@ -93,7 +93,7 @@ def test_faults_lose_no_record_and_record_every_failure(tmp_path):
     data = write_jsonl(tmp_path / "faults.jsonl", FAULT_ROWS)
     out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
     with FakeOpenAI(stall_seconds=4.0) as srv:
-        run = reflect(str(data), *common(srv, out, cache, "-c", "4", "--timeout", "1.5", "--max-retries", "2",
+        run = reflect(str(data), *common(srv, out, cache, "--concurrency", "4", "--timeout", "1.5", "--max-retries", "2",
                                          "--backoff", "0.05"))
         assert run.returncode == 0, run.stderr
     rows = lines(out)
@@ -141,7 +141,7 @@ def test_fatal_errors_stop_the_run_with_one_line(tmp_path):
     with FakeOpenAI() as srv:  # a 400 on every request: a shared setting is wrong, so the run stops at once
         rows = [{"instruction": f"row {i} FAULT:400:99", "input": "", "output": "x"} for i in range(20)]
         data = write_jsonl(tmp_path / "e.jsonl", rows)
-        stop = reflect(str(data), *common(srv, out, cache, "-c", "1"))
+        stop = reflect(str(data), *common(srv, out, cache, "--concurrency", "1"))
         assert stop.returncode == 2 and "HTTP 400" in stop.stderr and "rerun the same command to resume" in stop.stderr
         last = stop.stderr.strip().splitlines()[-1]
         assert last.startswith("error: record ") and f"({data}:" in last and "teacher request" in last, last
@@ -183,7 +183,7 @@ def test_sigkill_resume_resends_at_most_the_in_flight_requests(tmp_path):
     out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
     with FakeOpenAI(latency=0.15) as srv:
         exe = Path(sys.executable).with_name("reflect-tune")
-        cmd = [str(exe), "reflect", str(EXAMPLES), *common(srv, out, cache, "-c", str(concurrency))]
+        cmd = [str(exe), "reflect", str(EXAMPLES), *common(srv, out, cache, "--concurrency", str(concurrency))]
         child = subprocess.Popen(cmd, env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         try:
@@ -197,7 +197,7 @@ def test_sigkill_resume_resends_at_most_the_in_flight_requests(tmp_path):
         time.sleep(0.3)  # let the server finish the requests the dead client left behind
         before = {e["key"] for e in srv.stats()["log"]}
         srv.reset()
-        again = reflect(str(EXAMPLES), *common(srv, out, cache, "-c", str(concurrency)))
+        again = reflect(str(EXAMPLES), *common(srv, out, cache, "--concurrency", str(concurrency)))
         assert again.returncode == 0, again.stderr
         after = {e["key"] for e in srv.stats()["log"]}
         resent = before & after
@@ -205,7 +205,7 @@ def test_sigkill_resume_resends_at_most_the_in_flight_requests(tmp_path):
         assert len(before | after) == 96
         # the resumed output equals an uninterrupted run's
         fresh = tmp_path / "fresh.jsonl"
-        clean = reflect(str(EXAMPLES), *common(srv, fresh, tmp_path / "fresh-cache", "-c", "16"))
+        clean = reflect(str(EXAMPLES), *common(srv, fresh, tmp_path / "fresh-cache", "--concurrency", "16"))
         assert clean.returncode == 0, clean.stderr
     assert out.read_bytes() == fresh.read_bytes()
 

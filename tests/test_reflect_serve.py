@@ -70,7 +70,7 @@ def test_reflect_through_transformers_serve(served_teacher, tmp_path):
     base_url, model = served_teacher
     out, cache = tmp_path / "reflected.jsonl", tmp_path / "cache"
     args = ["reflect", str(EXAMPLES), "-o", str(out), "--model", model, "--base-url", base_url,
-            "--cache-dir", str(cache), "--limit", "2", "--max-tokens", "40", "-c", "6", "--timeout", "300"]
+            "--cache-dir", str(cache), "--limit", "2", "--max-tokens", "40", "--concurrency", "6", "--timeout", "300"]
     run = run_cli(*args, env={"OPENAI_API_KEY": ""}, timeout=600)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -45,11 +45,12 @@ def fake_args(srv: FakeOpenAI, out: Path, cache: Path, *extra: str) -> list[str]
 
 
 def tiny_train(tiny_model_dir, data: Path, out: Path, **overrides):
-    from reflect_tune.train import build_config, run_train
+    from reflect_tune.config import TrainConfig, from_values
+    from reflect_tune.train import run
 
     settings = {"data": str(data), "output": str(out), "model": str(tiny_model_dir), "method": "full", "batch_size": 2,
                 "grad_accum": 1, "max_length": 96, "eval_samples": 0, "progress": False, "lr": 1e-3, **overrides}
-    return run_train(build_config({}, settings))
+    return run(from_values(TrainConfig, settings))
 
 
 def all_text_under(folder: Path) -> str:
@@ -68,7 +69,7 @@ def test_01_no_stage_writes_over_its_own_input(tmp_path):
         assert r.exit_code == 2 and "would overwrite the input" in r.output, r.output
     # select writes three outputs; its scores file may not be the input either
     table = tmp_path / "s.scores.parquet"
-    from reflect_tune.data import load_records, write_records
+    from reflect_tune.records import load_records, write_records
 
     write_records(load_records(data)[0], table)
     r = invoke("select", str(table), "-o", str(tmp_path / "s.jsonl"), "--model", NO_MODEL)
@@ -88,7 +89,7 @@ def test_02_overwrite_removes_only_what_the_stage_wrote(tmp_path, tiny_model_dir
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_model_dir, teacher)
-    r = invoke("make-student", "--from", str(teacher), "--layers", "1", "-o", str(teacher), "--overwrite")
+    r = invoke("make-student", "--teacher", str(teacher), "--layers", "1", "-o", str(teacher), "--overwrite")
     assert r.exit_code == 2 and f"{teacher}: --output is the input" in r.output, r.output
     assert (teacher / "model.safetensors").is_file()
 
@@ -113,12 +114,12 @@ def test_02_overwrite_removes_only_what_the_stage_wrote(tmp_path, tiny_model_dir
     assert (out / "model.safetensors").stat().st_size > 1000
 
     student = tmp_path / "student"
-    assert invoke("make-student", "--from", str(teacher), "--layers", "1", "-o", str(student)).exit_code == 0
+    assert invoke("make-student", "--teacher", str(teacher), "--layers", "1", "-o", str(student)).exit_code == 0
     (student / "mine.txt").write_text("x")
-    r = invoke("make-student", "--from", str(teacher), "--layers", "1", "-o", str(student), "--overwrite")
+    r = invoke("make-student", "--teacher", str(teacher), "--layers", "1", "-o", str(student), "--overwrite")
     assert r.exit_code == 2 and "'mine.txt'" in r.output
     (student / "mine.txt").unlink()
-    assert invoke("make-student", "--from", str(teacher), "--layers", "2", "-o", str(student), "--overwrite").exit_code == 0
+    assert invoke("make-student", "--teacher", str(teacher), "--layers", "2", "-o", str(student), "--overwrite").exit_code == 0
     assert json.loads((student / "meta.json").read_text())["kept_layers"] == [0, 1]
 
 
@@ -141,7 +142,7 @@ def test_03_two_reflect_runs_on_one_cache_pay_once_and_agree(tmp_path):
     cache = tmp_path / "cache"
     with FakeOpenAI(latency=0.3) as srv:
         procs = [subprocess.Popen([str(Path(sys.executable).with_name("reflect-tune")), "reflect", str(data),
-                                   *fake_args(srv, tmp_path / f"out{i}.jsonl", cache, "-c", "8")],
+                                   *fake_args(srv, tmp_path / f"out{i}.jsonl", cache, "--concurrency", "8")],
                                   env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in (1, 2)]
         results = [p.communicate(timeout=180) for p in procs]
@@ -223,7 +224,7 @@ def test_07_a_request_the_server_refuses_fails_its_record_not_the_run(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out, cache = tmp_path / "o.jsonl", tmp_path / "c"
     with FakeOpenAI() as srv:
-        r = reflect(str(data), *fake_args(srv, out, cache, "-c", "1"))
+        r = reflect(str(data), *fake_args(srv, out, cache, "--concurrency", "1"))
         assert r.returncode == 0, r.stderr
         got = [json.loads(x) for x in out.read_text().splitlines()]
         assert [g["variants"]["res"]["status"] for g in got] == ["api_failed", "ok", "ok", "api_failed", "ok", "ok"]
@@ -238,7 +239,7 @@ def test_07_a_request_the_server_refuses_fails_its_record_not_the_run(tmp_path):
         bad = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"q{i} FAULT:bad_param:99", "input": "", "output": "x"}
                                                   for i in range(5)])
         sent = srv.stats()["chat_requests"]
-        r = reflect(str(bad), *fake_args(srv, tmp_path / "b.out.jsonl", cache, "-c", "1"))
+        r = reflect(str(bad), *fake_args(srv, tmp_path / "b.out.jsonl", cache, "--concurrency", "1"))
         assert r.returncode == 2 and srv.stats()["chat_requests"] - sent == 1
         line = one_error_line(r.stderr)
         assert f"({bad}:1)" in line and "max_completion_tokens" in line and "HTTP 400" in line
@@ -248,7 +249,7 @@ def test_08_a_fatal_answer_stops_sending_at_once(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i} FAULT:401:99", "input": "", "output": "x"}
                                               for i in range(60)])
     with FakeOpenAI(latency=0.2) as srv:  # no key check on GET /models: the first 401 comes from chat
-        r = reflect(str(data), *fake_args(srv, tmp_path / "o.jsonl", tmp_path / "c", "-c", "16"))
+        r = reflect(str(data), *fake_args(srv, tmp_path / "o.jsonl", tmp_path / "c", "--concurrency", "16"))
         assert r.returncode == 2 and "HTTP 401" in one_error_line(r.stderr)
         assert srv.stats()["chat_requests"] <= 16  # those already on the wire, nothing after
 
@@ -290,7 +291,7 @@ def test_10_a_huge_integer_anywhere_is_no_crash(tmp_path):
 def test_11_a_failed_credential_check_prints_one_line(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:8])
     with FakeOpenAI(api_key="the-right-key") as srv:
-        r = reflect(str(data), *fake_args(srv, tmp_path / "o.jsonl", tmp_path / "c", "-c", "4"))
+        r = reflect(str(data), *fake_args(srv, tmp_path / "o.jsonl", tmp_path / "c", "--concurrency", "4"))
     assert r.returncode == 2
     assert one_error_line(r.stderr).startswith("error: teacher credential check (GET /models) failed: HTTP 401")
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
@@ -304,7 +305,7 @@ def test_12_read_only_outputs_fail_before_any_model_loads(tmp_path, readonly_dir
         r = invoke(*args, "--model", NO_MODEL)
         assert r.exit_code == 2 and ("Read-only file system" in r.output or "Permission denied" in r.output), r.output
         assert NO_MODEL not in r.output
-    r = invoke("make-student", "--from", NO_MODEL, "--layers", "1", "-o", str(readonly_dir / "st"))
+    r = invoke("make-student", "--teacher", NO_MODEL, "--layers", "1", "-o", str(readonly_dir / "st"))
     assert r.exit_code == 2 and "cannot write in" in r.output and NO_MODEL not in r.output
 
 
@@ -406,7 +407,7 @@ def test_21_trained_weights_get_the_usual_file_mode(tmp_path, tiny_model_dir):
     old = os.umask(0o022)
     try:
         tiny_train(tiny_model_dir, data, tmp_path / "out", max_steps=2, save_every=1)
-        assert invoke("make-student", "--from", str(tiny_model_dir), "--layers", "1", "-o", str(tmp_path / "st")).exit_code == 0
+        assert invoke("make-student", "--teacher", str(tiny_model_dir), "--layers", "1", "-o", str(tmp_path / "st")).exit_code == 0
     finally:
         os.umask(old)
     files = [tmp_path / "out" / "model.safetensors", tmp_path / "out" / "train_log.csv",

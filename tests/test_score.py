@@ -22,7 +22,8 @@ import pytest
 import torch
 from conftest import run_cli, write_jsonl
 
-from reflect_tune.score import ScoreConfig, run_score
+from reflect_tune.config import ScoreConfig
+from reflect_tune.score import run as run_score
 
 
 REVERSE = (

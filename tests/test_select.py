@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli, write_jsonl
 
-from reflect_tune.selection import SelectConfig, run_select
+from reflect_tune.config import SelectConfig
+from reflect_tune.selection import run as run_select
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "alpaca_small.jsonl"

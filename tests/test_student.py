@@ -11,7 +11,12 @@ from conftest import run_cli
 from safetensors.torch import load_file
 
 from reflect_tune.errors import ReflectTuneError
-from reflect_tune.student import layer_indices, make_student
+from reflect_tune.config import StudentConfig
+from reflect_tune.student import layer_indices, run
+
+
+def make_student(teacher: str, layers: int, output: str, **kw) -> dict:
+    return run(StudentConfig(teacher=teacher, layers=layers, output=output, **kw))
 from fakes.tiny import make_tiny_llama
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -166,20 +171,20 @@ def test_output_rules(tiny6, tmp_path):
 @pytest.mark.slow  # starts subprocesses
 def test_cli(tiny6, tmp_path):
     out = str(tmp_path / "cli-student")
-    r = run_cli("make-student", "--from", str(tiny6), "--layers", "2", "-o", out)
+    r = run_cli("make-student", "--teacher", str(tiny6), "--layers", "2", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "kept layers [0, 3] of 6" in r.stdout
     assert json.loads((tmp_path / "cli-student" / "meta.json").read_text())["kept_layers"] == [0, 3]
 
-    again = run_cli("make-student", "--from", str(tiny6), "--layers", "2", "-o", out)
+    again = run_cli("make-student", "--teacher", str(tiny6), "--layers", "2", "-o", out)
     assert again.returncode == 2
     assert again.stderr.startswith("error:") and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
-    r = run_cli("make-student", "--from", str(tiny6), "--layers", "3", "-o", out, "--overwrite")
+    r = run_cli("make-student", "--teacher", str(tiny6), "--layers", "3", "-o", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "cli-student" / "meta.json").read_text())["kept_layers"] == [0, 2, 4]
 
-    bad = run_cli("make-student", "--from", str(tiny6), "--layers", "99", "-o", str(tmp_path / "x"))
+    bad = run_cli("make-student", "--teacher", str(tiny6), "--layers", "99", "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert bad.stderr.startswith("error:") and "6 decoder layers" in bad.stderr
 
@@ -189,7 +194,7 @@ def test_bundled_to_ten_layers(bundled_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "student-10l"
-    r = run_cli("make-student", "--from", str(bundled_dir), "--layers", "10", "-o", str(out))
+    r = run_cli("make-student", "--teacher", str(bundled_dir), "--layers", "10", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert f"kept layers {list(range(0, 30, 3))} of 30" in r.stdout
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -19,17 +19,16 @@ from conftest import run_cli, write_jsonl
 
 from reflect_tune.errors import ModelError, ReflectTuneError
 from reflect_tune.losses import IGNORE_INDEX
-from reflect_tune.train import (
-    LossSetup,
-    StudentLM,
-    TrainConfig,
-    accumulate_gradients,
-    build_config,
-    build_examples,
-    collate,
-    load_config_file,
-    run_train,
-)
+from reflect_tune.config import SettingError, TrainConfig, from_values, train_config_file
+from reflect_tune.train import StudentLM, build_examples, collate, validate
+from reflect_tune.train import run as run_train
+
+
+def build_config(file_values: dict, flags: dict) -> TrainConfig:
+    """As the CLI builds it: the file's values, then the flags given (None: not given), then checked."""
+    cfg = from_values(TrainConfig, {**file_values, **{k: v for k, v in flags.items() if v is not None}})
+    validate(cfg)
+    return cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "alpaca_small.jsonl"
@@ -64,7 +63,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _records(n=None):
-    from reflect_tune.data import load_records
+    from reflect_tune.records import load_records
 
     return load_records(DATA, limit=n)[0]
 
@@ -119,34 +118,28 @@ def test_packed_rows_keep_sequences_apart(tiny_model_dir, tok):
 # ----------------------------------------------------------------------------- gradients
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def test_grad_accumulation_1x8_equals_8x1_token_normalized(tiny_model_dir, padded_teacher_dir, tmp_path):
+    """One optimizer step of one micro-batch of 8 and of 8 micro-batches of 1 (different token counts):
+    the training loop gives the same loss and the same gradient norm, with the memory-lean KD loss and
+    with the full-logit one."""
+    from reflect_tune.records import load_records, write_records
 
-
-def test_grad_accumulation_1x8_equals_8x1_token_normalized(tiny_model_dir, padded_teacher_dir, tok):
-    """One micro-batch of 8 and 8 micro-batches of 1 (different token counts) give one gradient,
-    with the memory-lean KD loss and with the full-logit one."""
-    cfg = TrainConfig(data="d", output="o", model="m", max_length=96)
-    examples, _ = build_examples(_records(8), tok, cfg)
-    assert len({sum(t != IGNORE_INDEX for t in e.targets) for e in examples}) > 1  # uneven counts
-    teacher = _load(padded_teacher_dir).eval().requires_grad_(False)
-    pad = tok.pad_token_id
-    results = {}
-    runs = ((True, "1x8"), (True, "8x1"), (False, "1x8"))  # lean 1x8 / 8x1, and full logits 1x8
-    for lean, name in runs:
-        setup = LossSetup(vocab_size=len(tok), teacher=teacher, lean=lean, kd_ratio=0.4, kd_loss="jsd", temperature=2.0)
-        batches = ([collate([[e] for e in examples], pad, False)] if name == "1x8"
-                   else [collate([[e]], pad, False) for e in examples])
-        model = StudentLM(_load(tiny_model_dir)).train()
-        total = sum(b["tokens"] for b in batches)
-        sums = accumulate_gradients(model, model.lm.get_output_embeddings().weight, batches, setup, total)
-        results[lean, name] = (_grads(model), sums["loss"] / total)
-    reference_grads, reference_loss = results[True, "1x8"]
-    assert len(reference_grads) == len(list(_load(tiny_model_dir).parameters()))
-    for key, (grads, loss) in results.items():
-        assert loss == pytest.approx(reference_loss, rel=1e-5), key
-        for n, g in reference_grads.items():
-            torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{key} {n}: {m}")
+    data = tmp_path / "eight.jsonl"
+    write_records(load_records(DATA, limit=8)[0], data)
+    logs = {}
+    for impl, shape in (("chunked", (8, 1)), ("chunked", (1, 8)), ("naive", (8, 1))):
+        out = tmp_path / f"{impl}-{shape[0]}x{shape[1]}"
+        run_train(build_config({}, {"data": str(data), "output": str(out), "model": str(tiny_model_dir), "method": "full",
+                                    "teacher": str(padded_teacher_dir), "kd_ratio": 0.4, "kd_loss": "jsd",
+                                    "kd_temperature": 2.0, "kd_impl": impl, "batch_size": shape[0], "grad_accum": shape[1],
+                                    "max_length": 96, "max_steps": 1, "eval_samples": 0, "progress": False}))
+        logs[impl, shape] = next(csv.DictReader(open(out / "train_log.csv")))
+    reference = logs["chunked", (8, 1)]
+    assert int(reference["tokens"]) > 8  # every example has several target tokens, not the same number
+    for key, row in logs.items():
+        for column in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+            assert float(row[column]) == pytest.approx(float(reference[column]), rel=1e-4), (key, column)
+        assert row["tokens"] == reference["tokens"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -155,14 +148,23 @@ def test_grad_accumulation_1x8_equals_8x1_token_normalized(tiny_model_dir, padde
 def test_yaml_config_flags_override_and_validation(tmp_path):
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("model: tiny\nkd-ratio: 0.7\nlr: 1e-3\nfull: true\nepochs: 2\npacking: true\n")
-    values = load_config_file(cfg_file)
+    values = train_config_file(cfg_file)
     assert values == {"model": "tiny", "kd_ratio": 0.7, "lr": 1e-3, "method": "full", "epochs": 2, "packing": True}
     cfg = build_config(values, {"data": "d.jsonl", "output": "out", "epochs": 3, "kd_ratio": None})
     assert (cfg.epochs, cfg.kd_ratio, cfg.lr, cfg.method, cfg.packing) == (3, 0.7, 1e-3, "full", True)
     (tmp_path / "bad.yaml").write_text("model: tiny\nkd_ration: 0.5\n")
-    with pytest.raises(ReflectTuneError, match=r"bad.yaml:2: key 'kd_ration': unknown setting"):
-        load_config_file(tmp_path / "bad.yaml")
-    with pytest.raises(ReflectTuneError, match=r"setting 'epochs': expected int, got 'two'"):
+    with pytest.raises(ReflectTuneError, match=r"bad.yaml:2: setting 'kd_ration': unknown \(known: "):
+        train_config_file(tmp_path / "bad.yaml")
+    # the names Hugging Face users type are aliases of ours; the old KD `temperature` says where it went
+    (tmp_path / "hf.yaml").write_text("learning_rate: 3.0e-4\nnum_train_epochs: 2\nper_device_train_batch_size: 8\n"
+                                      "gradient_accumulation_steps: 2\noutput_dir: out\nsave_steps: 50\nsave_total_limit: 3\n")
+    hf = build_config(train_config_file(tmp_path / "hf.yaml"), {"data": "d.jsonl", "model": "m"})
+    assert (hf.lr, hf.epochs, hf.batch_size, hf.grad_accum, hf.output, hf.save_every, hf.keep_checkpoints) == (
+        3e-4, 2, 8, 2, "out", 50, 3)
+    (tmp_path / "old.yaml").write_text("temperature: 2.0\n")
+    with pytest.raises(ReflectTuneError, match=r"old.yaml:1: setting 'temperature' is now 'kd_temperature'"):
+        train_config_file(tmp_path / "old.yaml")
+    with pytest.raises(SettingError, match=r"setting 'epochs': expected an int, got 'two'"):
         build_config({"epochs": "two"}, {"data": "d", "output": "o", "model": "m"})
     with pytest.raises(ReflectTuneError, match=r"setting 'kd_loss': 'kl' is not one of"):
         build_config({"kd_loss": "kl"}, {"data": "d", "output": "o", "model": "m"})
@@ -179,7 +181,7 @@ def test_train_full_with_teacher_writes_the_output_folder(tiny_model_dir, padded
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("full: true\nbatch-size: 2\ngrad_accum: 2\nmax_length: 192\nlr: 1.0e-3\nkd_loss: skew_rkl\n")
     r = run_cli("train", str(DATA), "-o", str(out), "--model", str(tiny_model_dir), "--config", str(cfg_file),
-                "--teacher", str(padded_teacher_dir), "--kd-ratio", "0.6", "--temperature", "2", "--max-steps", "3",
+                "--teacher", str(padded_teacher_dir), "--kd-ratio", "0.6", "--kd-temperature", "2", "--max-steps", "3",
                 "--packing", "--save-every", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "trained 3 steps" in r.stdout

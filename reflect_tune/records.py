@@ -1,4 +1,5 @@
-"""The data layer: read instruction data in any common shape, normalize it, write it back.
+"""Records: read instruction data in any common shape, normalize it, write it back; and read a
+reflect output into the candidate pairs that score, select and a pipeline work on.
 
 Shapes (detected from the first record; `format=` overrides):
     alpaca    {"instruction", "input", "output"}           (input may be absent or null)
@@ -12,6 +13,9 @@ the caller asks for the first exchange only. The stages work on the first exchan
 
 Containers: `.json` (a list, one record, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
 `datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
+
+A reflect output (docs/FORMATS.md §8.1) is read by `read_reflected`: each record's original
+and every `ok` variant become `Record`s with `variant` set (`load_candidates` reads either kind).
 
 Every problem is a `DataError` whose message is one line: `FILE:LINE: field 'F': what is wrong`
 (`FILE:row N:` for tables). Nothing is ever dropped silently: empty fields and duplicate ids
@@ -31,6 +35,7 @@ from reflect_tune.artifacts import atomic_path, special_kind
 from reflect_tune.errors import DataError, clip
 
 FORMATS = ("alpaca", "wizardlm", "sharegpt", "messages")
+STATUSES = ("ok", "parse_failed", "api_failed", "skipped")  # of a variant in a reflect output
 WRITE_FORMATS = ("alpaca", "sharegpt", "messages")
 CONTAINERS = (".jsonl", ".json", ".parquet")
 
@@ -47,13 +52,15 @@ _SHAREGPT_ROLES = {
 _MESSAGE_ROLES = {name: name for name in ("user", "assistant", "system", "developer", "tool")}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Record:
     """One instruction pair, the unit every stage works on.
 
     `turns` holds the whole conversation ({"role", "content", ...} per turn, as read) when the
     source record had more than this one exchange, else None. `where` is `FILE:LINE` (or
-    `FILE:row N`) of the source record, for messages.
+    `FILE:row N`) of the source record, for messages. In a reflect output, `variant` says which
+    pair of the source record this is (`original`, `ins`, `res`, `res_ins`) and `index` the source
+    record's position in the file.
     """
 
     id: str
@@ -62,6 +69,8 @@ class Record:
     output: str = ""
     system: str = ""
     turns: list[dict[str, Any]] | None = None
+    variant: str = "original"
+    index: int = field(default=0, compare=False, repr=False)
     where: str = field(default="", compare=False, repr=False)
 
     @property
@@ -521,6 +530,130 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
                   turns=turns if fmt in ("sharegpt", "messages") else None, where=where)
 
 
+# ----------------------------------------------------------------------------- reflect output
+
+
+@dataclass(kw_only=True)
+class Loaded:
+    """What an input file holds: one entry per source record, the scorable candidates, their origin."""
+
+    path: str
+    reflected: bool
+    ids: list[str]
+    candidates: list[Record]  # every pair to score, `variant` and `index` set
+    statuses: list[dict[str, str]]  # per source record: variant -> status ("ok" for the original)
+    warnings: list[str] = field(default_factory=list)
+
+
+def is_reflected(path: str | os.PathLike) -> bool:
+    """A reflect output (FORMATS §8.1): a JSON Lines file whose first record has `original` and `variants`."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in (".jsonl", ".json"):
+        return False
+    try:
+        with open(p, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.strip():
+                    row = loads(line.lstrip("\ufeff"))
+                    return isinstance(row, dict) and "original" in row and "variants" in row
+    except (OSError, json.JSONDecodeError, RecursionError):
+        return False
+    return False
+
+
+def read_reflected(path: str | os.PathLike) -> Loaded:
+    """Read and validate a reflect output file (FORMATS §8.1) into candidates.
+
+    Only `ok` variants become candidates; `res` takes the original's instruction, `res_ins` takes
+    the `ins` instruction. A bad line fails with `FILE:LINE: field 'F': problem`.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
+    loaded = Loaded(path=str(path), reflected=True, ids=[], candidates=[], statuses=[])
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = loads(line)
+        except json.JSONDecodeError as e:
+            raise _json_error(Path(path), n, e) from None
+        except RecursionError:
+            raise DataError(f"{where}: bad JSON: nested too deeply") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
+        rid = row.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            rid = f"{rid}"
+        if not isinstance(rid, str) or not rid:
+            raise DataError(f"{where}: field 'id': expected a non-empty string")
+        if rid in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {clip(rid)} (first at {seen[rid]})")
+        seen[rid] = n
+        orig = row.get("original")
+        if not isinstance(orig, dict):
+            raise DataError(f"{where}: field 'original': expected an object")
+        pair = {k: _string(orig, k, where, optional=k in ("input", "system"), label=f"original.{k}")
+                for k in ("instruction", "input", "output", "system")}
+        variants = row.get("variants")
+        if not isinstance(variants, dict):
+            raise DataError(f"{where}: field 'variants': expected an object")
+        index = len(loaded.ids)
+        loaded.ids.append(rid)
+        statuses = {"original": "ok"}
+        loaded.candidates.append(Record(id=rid, **pair, variant="original", index=index, where=where))
+        ins: dict[str, str] | None = None
+        for name in ("ins", "res", "res_ins"):
+            v = variants.get(name)
+            label = f"variants.{name}"
+            if v is None:
+                statuses[name] = "missing"
+                continue
+            if not isinstance(v, dict):
+                raise DataError(f"{where}: field '{label}': expected an object")
+            status = v.get("status")
+            if status not in STATUSES:
+                raise DataError(f"{where}: field '{label}.status': expected one of {', '.join(STATUSES)}, got {clip(status)}")
+            statuses[name] = status
+            if status != "ok":
+                continue
+            out = _string(v, "output", where, label=f"{label}.output")
+            if name == "ins":
+                ins = {"instruction": _string(v, "instruction", where, label=f"{label}.instruction"),
+                       "input": _string(v, "input", where, optional=True, label=f"{label}.input")}
+                asked = ins
+            elif name == "res":
+                asked = {"instruction": pair["instruction"], "input": pair["input"]}
+            elif ins is None:  # res_ins answers the ins instruction; without it there is no pair
+                statuses[name] = "ins not ok"
+                continue
+            else:
+                asked = ins
+            loaded.candidates.append(Record(id=rid, **asked, output=out, system=pair["system"], variant=name,
+                                            index=index, where=where))
+        loaded.statuses.append(statuses)
+    if not loaded.ids:
+        raise DataError(f"{path}: empty file (no records)")
+    return loaded
+
+
+def load_candidates(path: str | os.PathLike, *, format: str | None = None, split: str | None = None) -> Loaded:
+    """Reflect output (the original and every ok variant) or plain instruction data (the originals)."""
+    if is_reflected(path):
+        if format is not None:
+            raise DataError(f"{path}: --format applies to plain instruction data, not to a reflect output file")
+        return read_reflected(path)
+    records, report = load_records(path, format=format, split=split, on_duplicate="keep", on_empty="keep")
+    for i, r in enumerate(records):
+        r.index = i
+    return Loaded(path=str(path), reflected=False, ids=[r.id for r in records], candidates=records,
+                  statuses=[{"original": "ok"} for _ in records], warnings=report.warnings())
+
+
 def load_records(
     path: str | os.PathLike,
     *,
@@ -549,6 +682,9 @@ def load_records(
             raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
         if fmt is None:
             fmt = detect_format(row)
+            if fmt is None and "original" in row and "variants" in row:
+                raise DataError(f"{where}: a reflect output (docs/FORMATS.md §8.1), not instruction pairs; run "
+                                "`reflect-tune select` on it and use its selected.jsonl")
             if fmt is None:
                 raise DataError(
                     f"{where}: unknown record shape with keys {sorted(row)}; expected alpaca "

@@ -11,7 +11,7 @@ from conftest import run_cli, write_jsonl
 from typer.testing import CliRunner
 
 from reflect_tune.cli import app
-from reflect_tune.data import Record, content_id, load_records, write_records
+from reflect_tune.records import Record, content_id, load_records, write_records
 from reflect_tune.errors import DataError
 
 runner = CliRunner()
@@ -116,7 +116,7 @@ def test_content_id_is_the_same_in_every_container(tmp_path):
 
 
 def test_sharegpt_takes_the_first_human_gpt_pair_and_keeps_system():
-    from reflect_tune.data import normalize
+    from reflect_tune.records import normalize
 
     row = {
         "id": 7,
@@ -138,7 +138,7 @@ def test_sharegpt_takes_the_first_human_gpt_pair_and_keeps_system():
 
 
 def test_messages_join_text_parts_and_keep_system():
-    from reflect_tune.data import normalize
+    from reflect_tune.records import normalize
 
     row = {
         "messages": [
@@ -227,7 +227,7 @@ def test_parquet_bytes_that_are_not_utf8_name_row_and_field(tmp_path):
 
 
 def test_chat_turns_after_the_first_pair_are_not_checked():
-    from reflect_tune.data import normalize
+    from reflect_tune.records import normalize
 
     later = [
         {"role": "user", "content": "weather?"},
@@ -352,7 +352,7 @@ def test_convert_round_trips_through_every_shape_and_container(tmp_path, to, suf
 
 
 def test_writing_is_atomic_on_failure(tmp_path):
-    from reflect_tune.data import write_rows
+    from reflect_tune.records import write_rows
 
     dst = tmp_path / "out.jsonl"
     dst.write_text("previous\n")
