@@ -137,7 +137,7 @@ def bare_vs_scorer(spec: str, rows: int, length: int, dtype: str, repeats: int, 
     ids = torch.randint(100, vocab - 1, (rows, length), generator=g)
     passes_ids = ids
     ids = ids.to(scorer.device)
-    passes = [Pass(passes_ids[r].tolist(), 1, length, False) for r in range(rows)]
+    passes = [Pass(ids=passes_ids[r].tolist(), start=1, end=length, truncated=False) for r in range(rows)]
     with torch.no_grad():
         scorer.model(input_ids=ids[:1, :16])  # warm-up
         batch_losses(scorer.model, passes[:1], scorer.device, scorer.head)

@@ -30,7 +30,7 @@ def request_key(model: str, messages: list[dict[str, str]], params: dict[str, An
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Reply:
     text: str
     finish_reason: str | None
@@ -150,7 +150,8 @@ class RequestCache:
         row = self.db.execute(
             "SELECT response, finish_reason, prompt_tokens, completion_tokens FROM requests WHERE key = ?", (key,)
         ).fetchone()
-        return None if row is None else Reply(row[0], row[1], row[2] or 0, row[3] or 0, cached=True)
+        return None if row is None else Reply(text=row[0], finish_reason=row[1], prompt_tokens=row[2] or 0,
+                                                  completion_tokens=row[3] or 0, cached=True)
 
     def put(self, key: str, model: str, reply: Reply) -> Reply:
         """Commit `reply` unless a reply for `key` is already committed; return the committed one."""

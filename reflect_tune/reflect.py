@@ -89,7 +89,7 @@ PRICES = {
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prompts:
     texts: dict[str, str]
     sources: dict[str, str]
@@ -127,7 +127,7 @@ def load_prompts(folder: str | None = None) -> Prompts:
         texts[name], sources[name] = text.strip("\n"), where
         digests[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     placeholders.discard("")
-    return Prompts(texts, sources, digests, placeholders)
+    return Prompts(texts=texts, sources=sources, sha256=digests, placeholders=placeholders)
 
 
 def render(template: str, values: dict[str, str], tag: str) -> str:

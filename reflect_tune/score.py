@@ -63,7 +63,7 @@ HEAD_CHUNK_ELEMENTS = 1 << 23  # logits held at once in the LM head: rows x voca
 # ----------------------------------------------------------------------------- templates and passes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Pass:
     """One scored span of one token sequence, after truncation."""
 
@@ -85,7 +85,7 @@ class Pass:
         return h.hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Scorer:
     """A loaded student (or proxy) with the scoring settings."""
 
@@ -203,8 +203,9 @@ def open_scorer(
         layer = model.get_output_embeddings()
         bias = getattr(layer, "bias", None)
         head = (layer.weight.detach().float(), bias.detach().float() if bias is not None else None)
-    return Scorer(spec, model, tok, template, dtype_name, dev, max_length, batch_tokens, reverse, signature, state,
-                  _Tokens(tok), head)
+    return Scorer(spec=spec, model=model, tokenizer=tok, template=template, dtype=dtype_name, device=dev,
+                  max_length=max_length, batch_tokens=batch_tokens, reverse=reverse, signature=signature, state=state,
+                  tokens=_Tokens(tok), head=head)
 
 
 def _truncated(ids: list[int], start: int, end: int, max_length: int, reason: str | None = None) -> Pass:
@@ -218,7 +219,7 @@ def _truncated(ids: list[int], start: int, end: int, max_length: int, reason: st
             reason = f"no scored tokens after truncation at --max-length {max_length}"
         else:
             reason = "no scored tokens (nothing to predict)"
-    return Pass(ids, start, end, truncated, reason)
+    return Pass(ids=ids, start=start, end=end, truncated=truncated, reason=reason)
 
 
 class _Tokens:
@@ -424,7 +425,7 @@ def batch_losses(model, batch: list[Pass], device, head: tuple | None = None) ->
     return [sums[r] / batch[r].tokens for r in range(rows)]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreStats:
     """How much work a scoring run did (it goes in the sidecar)."""
 
@@ -617,7 +618,7 @@ def write_scores(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- the `score` stage
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreResult:
     rows: list[dict[str, Any]]
     stats: ScoreStats
@@ -677,7 +678,7 @@ def run(config: ScoreConfig) -> ScoreResult:
     session = ScoreSession(scorer, shards, resume=config.resume, progress=config.progress)
     rows = session.score(loaded.candidates, [directions] * len(loaded.candidates))
     session.finish()
-    result = ScoreResult(rows, session.stats, len(loaded.ids), scorer.template, scorer.dtype)
+    result = ScoreResult(rows=rows, stats=session.stats, records=len(loaded.ids), template=scorer.template, dtype=scorer.dtype)
     if not scorer.is_main:
         return result
     meta = provenance("score", config, inputs=[config.input] if Path(config.input).exists() else [])

@@ -105,7 +105,7 @@ def keep_count(records: int, survivors: int, top: float | None, top_k: int | Non
 # ----------------------------------------------------------------------------- the stage
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcome:
     """What happened to one record."""
 
@@ -116,7 +116,7 @@ class Outcome:
     phase2: str | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SelectResult:
     selected: list[dict[str, Any]]
     summary: dict[str, Any]
@@ -223,7 +223,7 @@ def run(config: SelectConfig) -> SelectResult:
         for r in selected:
             r.pop("system", None)
     summary = _summary(config, method, scorer.template, loaded, rows, outcomes, selected, cut, by)
-    result = SelectResult(selected, summary, rows, outcomes)
+    result = SelectResult(selected=selected, summary=summary, rows=rows, outcomes=outcomes)
     if not scorer.is_main:
         return result
 

@@ -174,7 +174,7 @@ class RateLimiter:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientStats:
     sent: int = 0            # HTTP attempts that reached the wire (retries included)
     succeeded: int = 0       # requests answered

@@ -21,7 +21,10 @@ def test_version():
     assert __version__ == "0.1.0"
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert"])
+COMMANDS = ["inspect", "convert", "reflect", "score", "select", "train", "make-student", "run"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
@@ -62,3 +65,41 @@ def test_convert_writes_provenance_sidecar(tmp_path):
     meta = json.loads((tmp_path / "out.parquet.meta.json").read_text())
     assert meta["config"]["src"] == str(src) and meta["config"]["format"] == "alpaca"
     assert len(meta["inputs"][0]["sha256"]) == 64
+
+
+def _options() -> dict[str, list[tuple[str, list[str]]]]:
+    """command -> [(its first long option name, every name of that option)]"""
+    import typer
+
+    group = typer.main.get_command(app)
+    out = {}
+    for name, command in group.commands.items():
+        out[name] = [(next(o for o in p.opts if o.startswith("--")), [*p.opts, *p.secondary_opts])
+                     for p in command.params if p.param_type_name == "option"]
+    return out
+
+
+def test_one_meaning_per_flag_across_commands():
+    """A short flag means the same option in every command that has it; names that meant two
+    things (-c, -t, --from, --temperature) mean one."""
+    meaning: dict[str, set[str]] = {}
+    for command, options in _options().items():
+        for long, names in options:
+            for n in names:
+                if not n.startswith("--"):
+                    meaning.setdefault(n, set()).add(long)
+    assert {flag: longs for flag, longs in meaning.items() if len(longs) > 1} == {}
+    assert set(meaning) <= {"-o", "-m", "-f", "-h", "-V"}, meaning
+    by_command = {c: {n for _, names in opts for n in names} for c, opts in _options().items()}
+    assert "--from" in by_command["run"] and not any("--from" in names for c, names in by_command.items() if c != "run")
+    assert "--temperature" in by_command["reflect"] and "--temperature" not in by_command["train"]
+    assert "--kd-temperature" in by_command["train"] and "--teacher" in by_command["make-student"]
+    for alias in ("--learning-rate", "--num-train-epochs", "--per-device-train-batch-size", "--gradient-accumulation-steps",
+                  "--output-dir", "--save-steps", "--save-total-limit"):
+        assert alias in by_command["train"], alias
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_flags_show_no_value_placeholder(command):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "<bool>" not in result.output

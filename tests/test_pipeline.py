@@ -16,7 +16,7 @@ import yaml
 
 from conftest import run_cli, write_jsonl
 from reflect_tune.errors import ReflectTuneError
-from reflect_tune.pipeline import load_pipeline, plan, stage_key
+from reflect_tune.pipeline import load_pipeline, plan, run_pipeline, stage_key
 from fakes.openai_server import FakeOpenAI
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -44,13 +44,13 @@ def base_config(data: str = "data.jsonl") -> dict:
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.update(colour="red"), ":18: key 'colour': unknown (known: name,"),
-    (lambda c: c["reflect"].update(concurency=3), ":10: reflect: key 'concurency': unknown setting"),
-    (lambda c: c["select"].update(top_k="three"), "select: key 'top_k': expected a int, got 'three'"),
-    (lambda c: c["train"].update(data="x.jsonl"), "train: key 'data': set by the pipeline"),
+    (lambda c: c["reflect"].update(concurency=3), ":10: reflect: setting 'concurency': unknown (known: api_key_env,"),
+    (lambda c: c["select"].update(top_k="three"), "select: setting 'top_k': expected an int, got 'three'"),
+    (lambda c: c["train"].update(data="x.jsonl"), "train: setting 'data': set by the pipeline"),
     (lambda c: c["reflect"].update(model="${NO_SUCH_VARIABLE_RT}"), "environment variable NO_SUCH_VARIABLE_RT is not set"),
     (lambda c: c.pop("select"), "after reflect it needs a select section"),
-    (lambda c: c["reflect"].update(dry_run=True), "reflect: key 'dry_run': not in a pipeline"),
-    (lambda c: c["student"].pop("layers"), "student: key 'layers': required"),
+    (lambda c: c["reflect"].update(dry_run=True), "reflect: setting 'dry_run': not in a pipeline"),
+    (lambda c: c["student"].pop("layers"), "student: setting 'layers': required"),
     (lambda c: c.update(name="a/b"), "key 'name': a folder name"),
     (lambda c: c.pop("data"), "key 'data': required"),
 ])
@@ -70,7 +70,7 @@ def test_bad_pipeline_through_the_cli_exits_2_before_any_work(tmp_path):
     path = write_pipeline(tmp_path, config)
     run = run_cli("run", str(path), "--runs-dir", str(tmp_path / "runs"))
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [f"error: {path}:{_line_of(path, 'kd_los')}: train: key 'kd_los': unknown "
+    assert run.stderr.strip().splitlines() == [f"error: {path}:{_line_of(path, 'kd_los')}: train: setting 'kd_los': unknown "
                                               + run.stderr.split("unknown ", 1)[1].strip()]
     assert not (tmp_path / "runs").exists()
     (tmp_path / "bad.yaml").write_text("name: x\ndata: [unclosed\n")
@@ -106,7 +106,7 @@ def test_environment_values_take_their_yaml_type(tmp_path, monkeypatch):
     config["reflect"]["base_url"] = "http://${RT_TEST_HOST}:8000/v1"
     monkeypatch.setenv("RT_TEST_HOST", "127.0.0.1")
     pipe = load_pipeline(write_pipeline(tmp_path, config))
-    assert pipe.sections["reflect"]["max_tokens"] == 77 and pipe.sections["reflect"]["limit"] is None
+    assert pipe.sections["reflect"]["max_tokens"] == 77 and pipe.sections["reflect"].get("limit") is None  # unset
     assert pipe.sections["reflect"]["base_url"] == "http://127.0.0.1:8000/v1"
     monkeypatch.setenv("RT_TEST_TOKENS", "12")
     assert load_pipeline(write_pipeline(tmp_path, config)).sections["reflect"]["max_tokens"] == 12
@@ -127,9 +127,10 @@ def test_environment_text_stays_text_and_checks_carry_file_and_line(tmp_path, mo
     config = base_config()
     config["train"]["kd-ratio"] = 2.0  # written with a dash: still found on its line
     path = write_pipeline(tmp_path, config)
-    with pytest.raises(ReflectTuneError) as err:
-        plan(load_pipeline(path))
+    with pytest.raises(ReflectTuneError) as err:  # the train stage's own check, before any stage runs
+        run_pipeline(path, runs_dir=str(tmp_path / "runs"))
     assert str(err.value).startswith(f"{path}:{_line_of(path, 'kd-ratio')}: train: setting 'kd_ratio': must be between 0 and 1")
+    assert not [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]  # no stage started, nothing written
 
 
 @pytest.mark.slow
@@ -218,7 +219,7 @@ def small_run(tmp_path, tiny_model_dir, bundled_dir):
     the bundled model selects (a random tiny model finds every pair too hard), KD from the tiny model."""
     write_jsonl(tmp_path / "data.jsonl", ROWS[:6])
     config = base_config()
-    config["student"]["from"] = str(tiny_model_dir)
+    config["student"]["teacher"] = str(tiny_model_dir)
     config["select"]["model"] = str(bundled_dir)
     config["train"]["teacher"] = str(tiny_model_dir)
     return tmp_path, write_pipeline(tmp_path, config)

@@ -134,7 +134,7 @@ def test_scrub_removes_keys():
 def test_cache_round_trip_and_failures(tmp_path):
     cache = RequestCache(tmp_path / "c")
     assert cache.get("k") is None
-    cache.put("k", "m", Reply("text", "stop", 3, 4))
+    cache.put("k", "m", Reply(text="text", finish_reason="stop", prompt_tokens=3, completion_tokens=4))
     cache.put_failure("f", "HTTP 500: boom")
     cache.close()
     again = RequestCache(tmp_path / "c")  # persisted

@@ -129,9 +129,9 @@ def test_03_two_reflect_runs_on_one_cache_pay_once_and_agree(tmp_path):
     # the cache: a claimed request makes the other process wait; the first committed reply is final
     a, b = RequestCache(tmp_path / "c"), RequestCache(tmp_path / "c")
     assert a.claim("k") == "mine" and b.claim("k") == "wait"
-    assert a.put("k", "m", Reply("first", "stop", 1, 2)).text == "first"
+    assert a.put("k", "m", Reply(text="first", finish_reason="stop", prompt_tokens=1, completion_tokens=2)).text == "first"
     assert b.claim("k") == "done"
-    assert b.put("k", "m", Reply("second", "stop", 1, 2)).text == "first" and a.get("k").text == "first"
+    assert b.put("k", "m", Reply(text="second", finish_reason="stop", prompt_tokens=1, completion_tokens=2)).text == "first" and a.get("k").text == "first"
     # a claim by a process that no longer runs is void at once (no lease wait after kill -9)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     a.db.execute("INSERT INTO claims VALUES ('j', ?, ?)", (f"{a.owner.split(':')[0]}:{dead.stdout.strip()}:x", time.time() + 60))
@@ -387,7 +387,7 @@ def test_20_a_key_where_its_variable_name_belongs_is_refused_and_never_written(t
         base = {"name": "t", "data": str(data), "reflect": {"model": "fake-model", "base_url": srv.base_url},
                 "select": {"model": NO_MODEL, "top_k": 1}}
         expect = {"api_key_env": "expected the NAME of an environment variable",
-                  "concurrency": "reflect: key 'concurrency': expected a int, got '***'",
+                  "concurrency": "reflect: setting 'concurrency': expected an int, got '***'",
                   "model": NO_MODEL}  # the teacher's name is a secret: reflect runs, select then stops
         for key, message in expect.items():
             value = "${MY_SERVICE_TOKEN}" if key == "model" else "${OPENAI_API_KEY}"

@@ -125,7 +125,7 @@ def test_student_copies_every_kth_layer(tiny6, tmp_path):
 
     meta = json.loads((out / "meta.json").read_text())
     assert meta["stage"] == "make-student" and meta["kept_layers"] == [0, 2, 4] and meta["teacher_layers"] == 6
-    assert meta["config"]["from"] == str(tiny6) and meta["config"]["layers"] == 3
+    assert meta["config"]["teacher"] == str(tiny6) and meta["config"]["layers"] == 3
     assert meta["teacher"] == str(tiny6) and meta["parameters"] == summary["parameters"]
     assert "transformers" in meta["versions"]
 

@@ -1,0 +1,126 @@
+"""Capture the corpus of real teacher replies that tests/test_parser_corpus.py parses.
+
+Run once (it is not run by the tests), from the repository root, offline:
+
+    REFLECT_TUNE_CACHE=/tmp/rt-cache .venv/bin/python tests/data/teacher_replies/capture.py
+
+The teacher is the bundled SmolLM2-135M-Instruct (`bundled:smollm2-135m-instruct`, converted into
+REFLECT_TUNE_CACHE), in float32 on CPU, greedy. The requests are the project's own: the prompts of
+`load_prompts()` rendered with `render(template, values, tag)`, the tag from
+`choose_tag(instruction, input, output)`, the system prompt first, exactly as `reflect.ask` builds
+them, for the first RECORDS records of examples/alpaca_small.jsonl, instruction reflection
+("ins") and response reflection ("res") of each. Two kinds of replies:
+
+- free: what a server answers. The chat-templated messages with the generation prompt, plain
+  greedy `model.generate`, at most MAX_NEW_TOKENS new tokens. finish_reason "stop" when the model
+  ended its turn (<|im_end|>), "length" when it was cut. The 135M model mostly ignores the layout.
+- prefill: the assistant turn starts with the first start marker and a newline, and generation
+  stops at the end marker (`stop_strings=[end marker]`): the layout holds by construction. For
+  "ins", when the first block ended on its end marker, the reply goes on with a newline, the
+  second start marker and a newline, and generation runs again to the end marker. The stored
+  reply is everything after the generation prompt: the prefixes plus the generated text, cut
+  right after the end marker when generation stopped on it. finish_reason as above.
+
+Each reply is written to `<mode>-<line>-<kind>.json` beside this script, with the expected outcome
+of `parse_blocks` set to what the parser says today, flagged `"reviewed": false`. The expectations
+in the checked-in files were then read and confirmed (or corrected) by hand, reply by reply: rerun
+this script only to build a new corpus, and review it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+DATA = ROOT / "examples" / "alpaca_small.jsonl"
+MODEL = "bundled:smollm2-135m-instruct"
+RECORDS = 10
+MAX_NEW_TOKENS = 160
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reflect_tune.models import resolve_model
+    from reflect_tune.reflect import choose_tag, load_prompts, marker, parse_blocks, render
+
+    path = resolve_model(MODEL).path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    prompts = load_prompts()
+    lines = DATA.read_text(encoding="utf-8").splitlines()[:RECORDS]
+
+    def generate(text: str, stop: str | None) -> tuple[str, str]:
+        """Greedy continuation of `text` (already chat-templated): (new text, finish_reason)."""
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        kw = {"stop_strings": [stop], "tokenizer": tok} if stop else {}
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **kw)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        ended = bool(new) and new[-1] == tok.eos_token_id
+        reply = tok.decode(new, skip_special_tokens=True)
+        if stop and stop in reply:
+            return reply[: reply.index(stop) + len(stop)], "stop"
+        return reply, "stop" if ended else "length"
+
+    for n, line in enumerate(lines, 1):
+        rec = json.loads(line)
+        instruction, input_, output = rec["instruction"], rec.get("input", ""), rec["output"]
+        tag = choose_tag(instruction, input_, output)
+        for kind in ("ins", "res"):
+            if kind == "ins":  # as reflect.ask builds the request
+                template, names = prompts.texts["instruction"], ("NEW INSTRUCTION", "NEW ANSWER")
+                values = {"instruction": instruction + ("\n" + input_ if input_ else ""), "output": output}
+            else:
+                template, names = prompts.texts["response_input" if input_ else "response"], ("BETTER ANSWER",)
+                values = {"instruction": instruction, "input": input_, "output": output}
+            messages = [{"role": "user", "content": render(template, values, tag)}]
+            if prompts.texts["system"].strip():
+                messages.insert(0, {"role": "system", "content": prompts.texts["system"]})
+            start = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            end = marker("END", tag)
+            for mode in ("free", "prefill"):
+                t0 = time.time()
+                if mode == "free":
+                    reply, finish = generate(start, None)
+                else:
+                    reply, finish = "", "stop"
+                    for i, name in enumerate(names):
+                        reply += ("\n" if i else "") + marker(name, tag) + "\n"
+                        more, finish = generate(start + reply, end)
+                        reply += more
+                        if not more.endswith(end):  # cut at max tokens, or the turn ended: a server stops here
+                            break
+                blocks, problem = parse_blocks(reply, names, tag, prompts.placeholders, finish)
+                entry = {
+                    "record": {"file": "examples/alpaca_small.jsonl", "line": n, "instruction": instruction,
+                               "input": input_, "output": output},
+                    "kind": kind, "mode": mode, "tag": tag, "names": list(names), "finish_reason": finish,
+                    "model": MODEL, "generation": {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS,
+                                                    "dtype": "float32", "transformers": _version("transformers"),
+                                                    "torch": torch.__version__},
+                    "reply": reply,
+                    "expected": {"blocks": blocks, "problem": problem},
+                    "reviewed": False,
+                }
+                name = HERE / f"{mode}-{n:02d}-{kind}.json"
+                name.write_text(json.dumps(entry, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+                print(f"{name.name}: {finish}, {time.time() - t0:.1f}s, {problem or 'ok'}", file=sys.stderr)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()
