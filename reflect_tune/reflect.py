@@ -161,7 +161,8 @@ def parse_blocks(text: str, names: tuple[str, ...], tag: str, placeholders: set[
 
     The last start marker wins (the teacher's final answer comes after its analysis). A block
     ends at `[[END tag]]` or at the next tagged start marker; a missing end is accepted only when
-    the reply ended naturally (not cut at max_tokens). Returns (blocks, None) or (None, problem).
+    the reply ended naturally (not cut at max_tokens). A block that is empty, "N/A", or the layout's
+    filler (whole, or as its first line) is a problem. Returns (blocks, None) or (None, problem).
     """
     end, out = marker("END", tag), {}
     for name in names:
@@ -180,7 +181,9 @@ def parse_blocks(text: str, names: tuple[str, ...], tag: str, placeholders: set[
             return None, f"empty text after {start}"
         if norm in _NA:
             return None, f"N/A after {start}"
-        if norm in placeholders:
+        if norm in placeholders or _normalize(body.split("\n", 1)[0]) in placeholders:
+            # the whole block, or its first line, is the layout's filler: what follows it was not
+            # written as the answer (a small teacher echoes "(the better answer)", then chats on)
             return None, f"placeholder echo after {start}"
         out[name] = body
     return out, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,7 +141,7 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     log3 = tmp_path / "demo3.log"
     code = finish(start_demo({**env, "PIPELINE": str(bad)}, log3), 600)
     text = log3.read_text(errors="replace")
-    assert code == 2 and "key 'topp': unknown" in text and "stopping the teacher server" in text, text[-3000:]
+    assert code == 2 and "setting 'topp': unknown" in text and "stopping the teacher server" in text, text[-3000:]
     wait_for(lambda: not port_open(port), 30, log=log3)
 
 
@@ -155,6 +156,18 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
     rows = [json.loads(x) for x in (dirs["reflect"] / "reflected.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(set(r["variants"]) == {"ins", "res", "res_ins"} for r in rows)
     assert all(v["status"] in ("ok", "parse_failed", "skipped") for r in rows for v in r["variants"].values())
+    # A 135M teacher rarely keeps to the layout, so parse_failed is allowed, but only as the parser's
+    # verdict on a real reply: one request each (reask: false), a reason that names the request's
+    # tagged marker; an ok variant has its text; res_ins runs exactly when ins is ok.
+    tagged = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END) [0-9a-f]{8}\]\]")
+    for r in rows:
+        for name, v in r["variants"].items():
+            if v["status"] == "parse_failed":
+                assert v["usage"]["requests"] == 1 and tagged.search(v["reason"] or ""), (r["id"], name, v)
+            elif v["status"] == "ok":
+                assert v["usage"]["requests"] == 1 and (v["output"] or "").strip(), (r["id"], name, v)
+        ins_ok = r["variants"]["ins"]["status"] == "ok"
+        assert (r["variants"]["res_ins"]["status"] != "skipped") == ins_ok, r["variants"]["res_ins"]
     reflect_meta = json.loads((dirs["reflect"] / "meta.json").read_text())
     assert reflect_meta["summary"]["requests_answered"] >= 12 and reflect_meta["summary"]["completion_tokens"] > 0
     # select: half of 6 by the paper's rule, scored by the student, with the report
@@ -171,11 +184,17 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
     assert train_meta["config"]["model"] == str(dirs["student"]) and train_meta["config"]["method"] == "full"
     result = train_meta["result"]
     assert result["steps"] >= 1 and result["loss_before"] > 0 and result["loss_after"] > 0
+    # The response-token CE on the selected pairs (train's eval_samples, training data) must really
+    # drop. Measured (2 cores): 12.96 -> 5.80 (-55%) in 5 steps; required: at least -20%.
+    assert result["loss_after"] <= 0.8 * result["loss_before"], (result["loss_before"], result["loss_after"])
     assert (dirs["train"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (dirs["train"] / "model.safetensors").is_file() and (dirs["train"] / "train_log.csv").is_file()
     with open(dirs["train"] / "train_log.csv", newline="") as fh:
         steps = list(csv.DictReader(fh))
-    assert len(steps) == result["steps"] and all(float(r["kd_loss"]) >= 0 for r in steps)  # the KD term was on
+    # The KD term was on, and the teacher (30 layers) differs from its 15-layer student, so it is well
+    # above zero at every step. Measured: 11.51 at step 1, 5.47 at its lowest (step 5); floor 0.5.
+    assert len(steps) == result["steps"] and all(float(r["kd_loss"]) > 0.5 for r in steps), \
+        [r["kd_loss"] for r in steps]
     # summary.md: counts per decision, score distributions, loss before/after, teacher usage, plots
     summary = (folder / "summary.md").read_text()
     for text in ("## Teacher usage (reflect)", "| requests answered |", "## Selection", "| final | selected |",

@@ -7,7 +7,8 @@
   The default CUDA variant (several GB of CUDA libraries) is built too when
   REFLECT_TUNE_TEST_DOCKER_CUDA=1 is set.
 - Static (always): the Dockerfile switches to a non-root USER before its ENTRYPOINT, which is
-  reflect-tune; no ARG/ENV name looks like a secret; it installs the Makefile's torch pin;
+  reflect-tune; no ARG/ENV name looks like a secret; it pins torch and the bundled model as the
+  Makefile does (TORCH_SPEC, BUNDLED_MODEL) and repeats the torch pin in the package install;
   `.dockerignore` first excludes everything and lets back only pyproject.toml, README.md and
   reflect_tune/; and the package folder holds no test fakes, weights or keys.
 """
@@ -65,7 +66,7 @@ def test_runs_reflect_tune_as_a_non_root_user():
     assert json.loads(stage[entry][1]) == ["reflect-tune"], f"ENTRYPOINT {stage[entry][1]}: the exec form [\"reflect-tune\"]"
     users = [i for i, kw in enumerate(kinds) if kw == "USER"]
     assert users and users[-1] < entry, "a USER instruction must come before the ENTRYPOINT"
-    assert "RUN" not in kinds[users[-1]:], "nothing may RUN after the switch to the non-root user (it would run as it, or USER is undone)"
+    assert "RUN" not in kinds[users[-1]:], "nothing may RUN after the switch to the non-root user"
     user = stage[users[-1]][1].split(":")[0].strip()
     assert user not in ("", "root", "0"), f"USER {stage[users[-1]][1]} is root"
 
@@ -83,11 +84,15 @@ def test_no_arg_or_env_name_looks_like_a_secret():
     assert not re.search(r"\bsk-[A-Za-z0-9_-]{8,}", DOCKERFILE.read_text(encoding="utf-8")), "an API key in the Dockerfile"
 
 
-def test_installs_the_makefiles_torch_pin():
-    makefile = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)\s*$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
-    docker = re.search(r"^ARG TORCH_SPEC=(\S+)\s*$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
-    assert makefile and docker, "TORCH_SPEC in the Makefile (`TORCH_SPEC ?= ...`) and the Dockerfile (`ARG TORCH_SPEC=...`)"
-    assert docker.group(1) == makefile.group(1), f"Dockerfile torch {docker.group(1)} vs Makefile {makefile.group(1)}"
+@pytest.mark.parametrize("name", ["TORCH_SPEC", "BUNDLED_MODEL"])
+def test_pins_equal_the_makefiles(name):
+    makefile = re.search(rf"^{name}\s*\?=\s*(\S+)\s*$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
+    pinned = re.search(rf"^ARG {name}=(\S+)\s*$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
+    assert makefile and pinned, f"{name} in the Makefile (`{name} ?= ...`) and the Dockerfile (`ARG {name}=...`)"
+    assert pinned.group(1) == makefile.group(1), f"Dockerfile {name} {pinned.group(1)} vs Makefile {makefile.group(1)}"
+
+
+def test_package_install_repeats_the_torch_pin():
     # the package install repeats the pin, so resolving the package cannot swap torch
     assert any(kw == "RUN" and re.search(r'pip install[^&]*"\$TORCH_SPEC"[^&]*"\.\[serve\]"', args) for kw, args in final_stage())
 

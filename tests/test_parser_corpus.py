@@ -8,9 +8,14 @@ records of examples/alpaca_small.jsonl; capture.py there made them and says how.
 - prefill: the assistant turn was started with the start marker and generation stopped at the
   end marker, so the layout holds, and the outcome turns on the text and finish_reason.
 
-Each file states the outcome a careful reader gives the reply: the text of every block for a
-usable one, the exact problem for an unusable one. These were read and checked by hand (the
-file's "review" note says what the reader saw); the test asserts the parser agrees with each.
+Each file states the outcome a careful reader gives the reply under the layout's rules
+(reflect_tune/prompts/README.md): the text of every block for a usable one, the exact problem
+for an unusable one. Usable means the layout holds and the block is an answer text, complete and
+not the layout's filler; whether the answer is any good is not the parser's business (select
+judges that). Every reply was read by hand; the file's "review" says what the reader saw. Where
+the parser disagrees with the reader, the file says so ("parser_disagrees", with what the parser
+says today under "parser_says"), and that case is a strict xfail: it fails the day the parser
+gets it right, so the expectation can be turned into a plain one.
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def cases() -> list:
+    out = []
+    for path in FILES:
+        disagrees = load(path).get("parser_disagrees")
+        marks = [pytest.mark.xfail(strict=True, reason=f"parser bug: {disagrees}")] if disagrees else []
+        out.append(pytest.param(path, id=path.stem, marks=marks))
+    return out
+
+
 @pytest.fixture(scope="module")
 def placeholders() -> set[str]:
     return load_prompts().placeholders
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+@pytest.mark.parametrize("path", cases())
 def test_parser_reads_each_real_reply_as_a_reader_does(path, placeholders):
     entry = load(path)
     assert entry["reviewed"] is True, f"{path.name}: expectation not reviewed by hand yet"
@@ -47,12 +61,13 @@ def test_parser_reads_each_real_reply_as_a_reader_does(path, placeholders):
 
 
 def test_corpus_is_real_small_and_covers_both_outcomes():
-    assert len(FILES) >= 30, "the corpus is missing (run tests/data/teacher_replies/capture.py, then review)"
+    assert len(FILES) >= 60, "the corpus is missing (run tests/data/teacher_replies/capture.py, then review)"
     entries = [load(p) for p in FILES]
     total = sum(p.stat().st_size for p in FILES)
     assert total < 300_000, f"the corpus is {total} bytes; keep it small"
     assert {e["model"] for e in entries} == {"bundled:smollm2-135m-instruct"}
-    assert {(e["mode"], e["kind"]) for e in entries} == {(m, k) for m in ("free", "prefill") for k in ("ins", "res")}
+    modes = ("free", "prefill", "sampled")
+    assert {(e["mode"], e["kind"]) for e in entries} == {(m, k) for m in modes for k in ("ins", "res")}
     ok = [e for e in entries if e["expected"]["problem"] is None]
     failed = [e for e in entries if e["expected"]["problem"] is not None]
     assert len(ok) >= 5 and len(failed) >= 5, (len(ok), len(failed))
@@ -63,7 +78,14 @@ def test_corpus_is_real_small_and_covers_both_outcomes():
         assert e["tag"] == choose_tag(rec["instruction"], rec["input"], rec["output"]), e["record"]["line"]
         names = ("NEW INSTRUCTION", "NEW ANSWER") if e["kind"] == "ins" else ("BETTER ANSWER",)
         assert tuple(e["names"]) == names
-        if e["mode"] == "prefill":  # the layout by construction: the reply starts with the first marker
+        if e["mode"] != "free":  # the layout by construction: the reply starts with the first marker
             assert e["reply"].startswith(marker(names[0], e["tag"]) + "\n")
         if e["expected"]["blocks"] is not None:
             assert set(e["expected"]["blocks"]) == set(names)
+        if e.get("parser_disagrees"):
+            assert e["parser_says"] != e["expected"]
+    # what the corpus holds that a parser must get right (so a broken rule shows):
+    problems = [e["expected"]["problem"] or "" for e in entries]
+    assert sum(p.startswith("no [[END") and p.endswith("(the reply hit --max-tokens)") for p in problems) >= 10
+    assert sum(e["finish_reason"] == "stop" and e["expected"]["problem"] is None for e in entries) >= 5  # no [[END]]
+    assert any(e["reply"].count(marker(e["names"][-1], e["tag"])) > 1 for e in entries)  # a start marker twice
