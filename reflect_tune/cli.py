@@ -125,7 +125,7 @@ def inspect(
 
     [bold]Example[/bold]: reflect-tune inspect examples/alpaca_small.jsonl --model bundled:smollm2-135m-instruct
     """
-    from reflect_tune.records import inspect_records
+    from reflect_tune.convert import inspect_records
 
     with user_errors():
         info = inspect_records(
@@ -186,7 +186,8 @@ def convert(
     [bold]Example[/bold]: reflect-tune convert data/alpaca.json data/train.parquet --to messages
     """
     from reflect_tune.artifacts import check_output_file, provenance, same_path, write_meta
-    from reflect_tune.records import conversion_loss, load_records, write_records
+    from reflect_tune.convert import conversion_loss, write_records
+    from reflect_tune.records import load_records
 
     with user_errors():
         check_output_file(dst, flag="the output")

@@ -11,7 +11,8 @@ from conftest import run_cli, write_jsonl
 from typer.testing import CliRunner
 
 from reflect_tune.cli import app
-from reflect_tune.records import Record, content_id, load_records, write_records
+from reflect_tune.convert import write_records
+from reflect_tune.records import Record, content_id, load_records
 from reflect_tune.errors import DataError
 
 runner = CliRunner()
@@ -352,7 +353,7 @@ def test_convert_round_trips_through_every_shape_and_container(tmp_path, to, suf
 
 
 def test_writing_is_atomic_on_failure(tmp_path):
-    from reflect_tune.records import write_rows
+    from reflect_tune.convert import write_rows
 
     dst = tmp_path / "out.jsonl"
     dst.write_text("previous\n")

@@ -69,7 +69,8 @@ def test_01_no_stage_writes_over_its_own_input(tmp_path):
         assert r.exit_code == 2 and "would overwrite the input" in r.output, r.output
     # select writes three outputs; its scores file may not be the input either
     table = tmp_path / "s.scores.parquet"
-    from reflect_tune.records import load_records, write_records
+    from reflect_tune.convert import write_records
+    from reflect_tune.records import load_records
 
     write_records(load_records(data)[0], table)
     r = invoke("select", str(table), "-o", str(tmp_path / "s.jsonl"), "--model", NO_MODEL)

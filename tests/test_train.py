@@ -122,7 +122,8 @@ def test_grad_accumulation_1x8_equals_8x1_token_normalized(tiny_model_dir, padde
     """One optimizer step of one micro-batch of 8 and of 8 micro-batches of 1 (different token counts):
     the training loop gives the same loss and the same gradient norm, with the memory-lean KD loss and
     with the full-logit one."""
-    from reflect_tune.records import load_records, write_records
+    from reflect_tune.convert import write_records
+    from reflect_tune.records import load_records
 
     data = tmp_path / "eight.jsonl"
     write_records(load_records(DATA, limit=8)[0], data)
