@@ -43,8 +43,8 @@ def base_config(data: str = "data.jsonl") -> dict:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update(colour="red"), ":18: key 'colour': unknown (known: name,"),
-    (lambda c: c["reflect"].update(concurency=3), ":10: reflect: setting 'concurency': unknown (known: api_key_env,"),
+    (lambda c: c.update(colour="red"), ":{colour}: key 'colour': unknown (known: name,"),
+    (lambda c: c["reflect"].update(concurency=3), ":{concurency}: reflect: setting 'concurency': unknown (known: api_key_env,"),
     (lambda c: c["select"].update(top_k="three"), "select: setting 'top_k': expected an int, got 'three'"),
     (lambda c: c["train"].update(data="x.jsonl"), "train: setting 'data': set by the pipeline"),
     (lambda c: c["reflect"].update(model="${NO_SUCH_VARIABLE_RT}"), "environment variable NO_SUCH_VARIABLE_RT is not set"),
@@ -58,6 +58,11 @@ def test_bad_pipeline_files_give_one_line_with_file_and_line(tmp_path, mutate, m
     config = base_config()
     mutate(config)
     path = write_pipeline(tmp_path, config)
+    # the line an error names is where the key sits in the written file (1-based)
+    lines = path.read_text().splitlines()
+    where = {key: 1 + next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+             for key in ("colour", "concurency") if any(key in line for line in lines)}
+    message = message.format(**where) if "{" in message and "${" not in message else message
     with pytest.raises(ReflectTuneError, match=None) as err:
         load_pipeline(path)
     text = str(err.value)
