@@ -34,6 +34,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_model_load.py
 	$(BIN)/python bench/bench_teacher.py
+	$(BIN)/python bench/bench_local_teacher.py
 	$(BIN)/python bench/bench_score.py
 	$(BIN)/python bench/bench_kd_loss.py
 	$(BIN)/python bench/bench_demo.py

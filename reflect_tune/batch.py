@@ -120,27 +120,39 @@ def _submit(sdk, pending: dict[str, dict], job: _Job, key: str, api_key: str | N
 
 
 def _poll(sdk, job: _Job, config, api_key: str | None) -> bool:
-    """Wait until every batch ends (True), or check once and report with --no-wait (False)."""
-    while True:
-        for entry in job.entries:
-            if entry["status"] in TERMINAL:
-                continue
-            batch = _call("poll", lambda: sdk.batches.retrieve(entry["batch_id"]), api_key)
-            entry.update(status=batch.status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
-            if batch.status == "failed":
-                errors = getattr(getattr(batch, "errors", None), "data", None) or []
-                detail = "; ".join(f"line {e.line}: {e.code}: {e.message}" for e in errors[:3]) or "no detail"
-                raise FatalApiError(f"Batch API: batch {batch.id} ({entry['file']}) failed validation: {detail}")
-            counts = getattr(batch, "request_counts", None)
-            done = f" {counts.completed + counts.failed}/{counts.total}" if counts else ""
-            log.info(f"batch {batch.id}: {batch.status}{done}")
-        job.save()
-        if all(e["status"] in TERMINAL for e in job.entries):
-            return True
-        if config.no_wait:
-            log.info(f"batches are still running; rerun the same command to collect ({job.folder})")
-            return False
-        time.sleep(config.poll_interval)
+    """Wait until every batch ends (True), or check once and report with --no-wait (False).
+
+    A batch's status is logged when it changes; the requests answered in all batches go to one
+    progress bar or plain line (progress.py), like the live loop's."""
+    from reflect_tune.progress import Progress
+
+    counts = {e["batch_id"]: (e["requests"], 0) for e in job.entries if e["status"] in TERMINAL}  # (done, failed)
+    with Progress("reflect (Batch API)", sum(e["requests"] for e in job.entries), unit="requests", rate_unit="req",
+                  enabled=config.progress, done=sum(d for d, _ in counts.values())) as bar:
+        while True:
+            for entry in job.entries:
+                if entry["status"] in TERMINAL:
+                    continue
+                before = entry["status"]
+                batch = _call("poll", lambda: sdk.batches.retrieve(entry["batch_id"]), api_key)
+                entry.update(status=batch.status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
+                if batch.status == "failed":
+                    errors = getattr(getattr(batch, "errors", None), "data", None) or []
+                    detail = "; ".join(f"line {e.line}: {e.code}: {e.message}" for e in errors[:3]) or "no detail"
+                    raise FatalApiError(f"Batch API: batch {batch.id} ({entry['file']}) failed validation: {detail}")
+                c = getattr(batch, "request_counts", None)
+                if c:
+                    counts[batch.id] = (c.completed + c.failed, c.failed)
+                if batch.status != before:
+                    log.info(f"batch {batch.id}: {batch.status}" + (f" {c.completed + c.failed}/{c.total}" if c else ""))
+            bar.update(done=sum(d for d, _ in counts.values()), failed=sum(f for _, f in counts.values()))
+            job.save()
+            if all(e["status"] in TERMINAL for e in job.entries):
+                return True
+            if config.no_wait:
+                log.info(f"batches are still running; rerun the same command to collect ({job.folder})")
+                return False
+            time.sleep(config.poll_interval)
 
 
 def _error_reason(line: dict) -> str:

@@ -35,7 +35,8 @@ class Reply:
     text: str
     finish_reason: str | None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # as the server reports them: OpenAI's include the reasoning tokens
+    reasoning_tokens: int = 0  # of the completion tokens, those the model spent reasoning (0 when not reported)
     cached: bool = False
     retries: int = 0
 
@@ -97,6 +98,8 @@ class RequestCache:
             )
             self.db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, reason TEXT, created REAL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, expires REAL)")
+            # a table of its own, so caches written before it (and the code that wrote them) still work
+            self.db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, reasoning_tokens INTEGER)")
         except (OSError, sqlite3.Error) as e:
             raise ReflectTuneError(f"{folder}: cannot open the request cache: {e}") from None
 
@@ -148,25 +151,30 @@ class RequestCache:
 
     def get(self, key: str) -> Reply | None:
         row = self.db.execute(
-            "SELECT response, finish_reason, prompt_tokens, completion_tokens FROM requests WHERE key = ?", (key,)
+            "SELECT response, finish_reason, prompt_tokens, completion_tokens, reasoning.reasoning_tokens FROM requests "
+            "LEFT JOIN reasoning USING (key) WHERE key = ?", (key,)
         ).fetchone()
         return None if row is None else Reply(text=row[0], finish_reason=row[1], prompt_tokens=row[2] or 0,
-                                                  completion_tokens=row[3] or 0, cached=True)
+                                                  completion_tokens=row[3] or 0, reasoning_tokens=row[4] or 0, cached=True)
 
     def put(self, key: str, model: str, reply: Reply) -> Reply:
         """Commit `reply` unless a reply for `key` is already committed; return the committed one."""
         # one transaction: the reply goes in (unless one is there) and this process's claim goes away
-        inserted = self._write([
+        statements = [
             ("INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
              (key, scrub_secrets(model), reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
               time.time())),
-            ("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner)),
-        ])[0]
+        ]
+        if reply.reasoning_tokens:  # only beside the reply it belongs to (changes(): the insert above)
+            statements.append(("INSERT OR IGNORE INTO reasoning SELECT ?, ? WHERE changes() = 1", (key, reply.reasoning_tokens)))
+        statements.append(("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner)))
+        inserted = self._write(statements)[0]
         if inserted == 1:
             return reply
         stored = self.get(key) or reply
         stored.cached, stored.retries = False, reply.retries
         stored.prompt_tokens, stored.completion_tokens = reply.prompt_tokens, reply.completion_tokens  # what this run paid
+        stored.reasoning_tokens = reply.reasoning_tokens
         return stored
 
     # -- claims: one process sends a request, the others wait for its reply ------------------------

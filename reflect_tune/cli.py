@@ -16,7 +16,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from reflect_tune import __version__
-from reflect_tune.errors import ReflectTuneError, one_line
+from reflect_tune.errors import ReflectTuneError, clip, one_line
 
 app = typer.Typer(
     name="reflect-tune",
@@ -36,10 +36,39 @@ class InFormat(str, Enum):
     messages = "messages"
 
 
+class ResponseFormat(str, Enum):
+    markers = "markers"
+    json = "json"
+    auto = "auto"
+
+
+class Backend(str, Enum):
+    http = "http"
+    transformers = "transformers"
+
+
+class TokenParam(str, Enum):
+    auto = "auto"
+    max_tokens = "max_tokens"
+    max_completion_tokens = "max_completion_tokens"
+
+
 class OutFormat(str, Enum):
     alpaca = "alpaca"
     sharegpt = "sharegpt"
     messages = "messages"
+
+
+class TurnsPolicy(str, Enum):
+    first = "first"
+    last = "last"
+    each = "each"
+
+
+_NO_PROGRESS_HELP = ("No progress: neither the bar (on a terminal) nor the plain lines printed every "
+                     "REFLECT_TUNE_PROGRESS_INTERVAL seconds (default 30) elsewhere.")
+_TURNS_HELP = ("Multi-turn conversations: first (the first exchange; the other turns are counted and dropped), "
+               "last (the last exchange, earlier turns as context in the instruction), each (one pair per exchange).")
 
 
 @contextmanager
@@ -91,6 +120,10 @@ def main(
     if not logger.handlers:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    from reflect_tune.progress import interval_from_env
+
+    with user_errors():
+        interval_from_env()  # a bad REFLECT_TUNE_PROGRESS_INTERVAL fails now, not once a stage has started
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -120,6 +153,7 @@ def inspect(
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a tokenizer that needs the model repository's own code.")] = False,
+    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP)] = TurnsPolicy.first,
 ) -> None:
     """Show the detected format, record count, empty and duplicate counts, and length statistics.
 
@@ -129,8 +163,10 @@ def inspect(
 
     with user_errors():
         info = inspect_records(
-            file, format=format.value if format else None, model=model, split=split, trust_remote_code=trust_remote_code
+            file, format=format.value if format else None, model=model, split=split, trust_remote_code=trust_remote_code,
+            turns=turns.value,
         )
+    _warn(info["warnings"])
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False))
         return
@@ -145,7 +181,8 @@ def _print_inspect(info: dict) -> None:
     console.print(
         f"[bold]{info['file']}[/bold]: format [cyan]{info['format']}[/cyan] in {info['container']}, "
         f"{info['records']} records ({info['with_input']} with input, {info['with_system']} with a system prompt"
-        + (f", {info['multi_turn']} with more than one exchange" if info["multi_turn"] else "") + ")",
+        + (f", {info['multi_turn']} with more than one exchange" if info["multi_turn"] else "") + ")"
+        + (f"; --turns {info['turns']}: {info['pairs']} pairs" if info["pairs"] != info["records"] else ""),
         soft_wrap=True,
     )
     console.print(
@@ -175,21 +212,27 @@ def convert(
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
     drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop records with an empty instruction or output (counted).")] = False,
-    first_turn: Annotated[bool, typer.Option("--first-turn", help="Write only the first exchange of a multi-turn conversation when the output shape (alpaca) holds one.")] = False,
+    turns: Annotated[Optional[TurnsPolicy], typer.Option("--turns", help="Make multi-turn conversations pairs: first, last or each (see inspect). Default: write them whole (messages, sharegpt; alpaca refuses them).")] = None,
+    first_turn: Annotated[bool, typer.Option("--first-turn", hidden=True, help="The same as --turns first.")] = False,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
 ) -> None:
     """Convert instruction data between shapes and containers; every record keeps a stable id.
 
-    Multi-turn conversations keep every turn as messages or sharegpt. Replacing the input itself
-    (`convert X X`) is refused when the new shape would lose anything.
+    Multi-turn conversations keep every turn as messages or sharegpt; --turns first|last|each makes
+    them pairs. Replacing the input itself (`convert X X`) is refused when the new shape would lose anything.
 
     [bold]Example[/bold]: reflect-tune convert data/alpaca.json data/train.parquet --to messages
     """
+    import dataclasses
+
     from reflect_tune.artifacts import check_output_file, provenance, same_path, write_meta
     from reflect_tune.convert import conversion_loss, write_records
     from reflect_tune.records import load_records
 
     with user_errors():
+        if first_turn and turns not in (None, TurnsPolicy.first):
+            raise ReflectTuneError(f"--first-turn is --turns first; it cannot go with --turns {turns.value}")
+        policy = "first" if first_turn else turns.value if turns else None
         check_output_file(dst, flag="the output")
         records, report = load_records(
             src,
@@ -197,10 +240,13 @@ def convert(
             on_duplicate="drop" if dedupe else "error",
             on_empty="drop" if drop_empty else "keep",
             split=split,
+            turns=policy or "first",
         )
-        _warn(report.warnings(multi_turn=False))
+        if policy == "first":  # the first pair only, in any shape; the other turns are counted in the warning
+            records = [dataclasses.replace(r, turns=None) for r in records]
+        _warn(report.warnings(multi_turn=policy is not None))  # without a policy every turn is written
         if Path(src).exists() and dst.exists() and same_path(src, dst):
-            loss = conversion_loss(records, report, to.value)
+            loss = conversion_loss(records, report, to.value, turns=policy)
             if loss:
                 raise ReflectTuneError(f"{dst}: convert would replace its own input and lose information ({loss}); "
                                        "write to another file")
@@ -208,11 +254,11 @@ def convert(
             _warn([f"{src}: the field(s) {', '.join(report.extra_fields[:5])} are not written (convert keeps id, "
                    "system, instruction, input, output and conversation turns)"])
         config = {"src": src, "dst": str(dst), "to": to.value, "format": report.format, "dedupe": dedupe,
-                  "drop_empty": drop_empty, "first_turn": first_turn, "split": split}
+                  "drop_empty": drop_empty, "turns": policy, "split": split}
         # fingerprint the input before writing: the output may replace it
         meta = provenance("convert", config, inputs=[src] if Path(src).exists() else [])
         meta["report"] = report.__dict__
-        write_records(records, dst, to=to.value, first_turn=first_turn)
+        write_records(records, dst, to=to.value)
         write_meta(dst, meta)
     typer.echo(f"wrote {len(records)} records ({report.format} -> {to.value}) to {dst}")
 
@@ -232,6 +278,8 @@ def reflect(
     tpm: Annotated[Optional[int], typer.Option("--tpm", min=1, help="Tokens per minute (prompt + max completion), never exceeded.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Completion token cap per request.")] = 2048,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="The teacher's sampling temperature (the reference uses 0).")] = 0.0,
+    token_param: Annotated[TokenParam, typer.Option("--token-param", help="How --max-tokens is sent: max_tokens (with temperature and top_p), or max_completion_tokens (without them: OpenAI's reasoning models o1, o3, o4-mini, gpt-5 refuse them). auto: the second for those models on the OpenAI API.")] = TokenParam.auto,
+    extra_body: Annotated[Optional[str], typer.Option("--extra-body", help='A JSON object of server-specific fields added to every request, e.g. \'{"reasoning_effort": "low"}\' or vLLM\'s \'{"chat_template_kwargs": {"enable_thinking": false}}\'. Part of the cache key.')] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count requests, tokens and cost; send nothing.")] = False,
     batch_api: Annotated[bool, typer.Option("--batch-api", help="Use the OpenAI Batch API (half price, up to 24 h).")] = False,
@@ -250,7 +298,14 @@ def reflect(
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP)] = TurnsPolicy.first,
+    response_format: Annotated[ResponseFormat, typer.Option("--response-format", help="How the teacher lays out its reply: markers (tagged blocks in free text), json (a JSON object following prompts/*.schema.json, asked for with response_format json_schema: OpenAI, vLLM, SGLang, llama.cpp, Ollama), or auto (json where the server accepts it: one probe, remembered per base URL and model).")] = ResponseFormat.markers,
+    backend: Annotated[Backend, typer.Option("--backend", help="http: an OpenAI-compatible server. transformers: load --model (a model spec, e.g. bundled:smollm2-135m-instruct) in this process; the layout's markers are written for it, so even a small model keeps to it.")] = Backend.http,
+    critique_tokens: Annotated[int, typer.Option("--critique-tokens", min=0, help="With --backend transformers: let the teacher write up to N tokens of critique before the text (0: straight to the text).")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="With --backend transformers: prompts per generate call. Default: 8 on the CPU, 64 on a GPU (halved on out-of-memory).")] = None,
+    device: Annotated[str, typer.Option("--device", help="With --backend transformers: auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="With --backend transformers: auto (bf16 on a GPU that has it, else fp32), float32, bfloat16, float16.")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
 ) -> None:
     """A teacher LLM rewrites each pair: instruction reflection (x_ins, y_ins), response reflection (y_res), and
     response reflection of the new pair (y_res_ins). Cached per request; a rerun resumes.
@@ -262,6 +317,7 @@ def reflect(
 
     with user_errors():
         config = ReflectConfig(
+            token_param=token_param.value, extra_body=_json_object(extra_body, "--extra-body"),
             input=input, output=str(output), model=model, base_url=base_url, api_key_env=api_key_env,
             stages=tuple(s.strip() for s in stages.split(",") if s.strip()), concurrency=concurrency, rpm=rpm, tpm=tpm,
             max_tokens=max_tokens, temperature=temperature, limit=limit, dry_run=dry_run, batch_api=batch_api,
@@ -269,10 +325,27 @@ def reflect(
             cache_dir=str(cache_dir) if cache_dir else None, timeout=timeout, max_retries=max_retries, backoff=backoff,
             retry_failed=retry_failed, reask=not no_reask,
             price_in=price_in, price_out=price_out, tokenizer=tokenizer, format=format.value if format else None,
-            split=split, dedupe=dedupe, progress=not no_progress,
+            split=split, dedupe=dedupe, progress=not no_progress, turns=turns.value,
+            response_format=response_format.value, backend=backend.value, critique_tokens=critique_tokens,
+            batch_size=batch_size, device=device, dtype=dtype,
         )
         result = stage.run(config)
     _print_reflect(result, config)
+
+
+def _json_object(text: str | None, flag: str) -> dict | None:
+    """A flag's JSON object text as a dict (None when not given); anything else is one line naming the flag."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ReflectTuneError(f"{flag}: not valid JSON ({e}): {clip(text)}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), "null")
+        raise ReflectTuneError(f"{flag}: expected a JSON object such as '{{\"reasoning_effort\": \"low\"}}', "
+                               f"got {kind}: {clip(text)}")
+    return value
 
 
 def _print_reflect(result, config) -> None:
@@ -288,7 +361,9 @@ def _print_reflect(result, config) -> None:
                    f"  prompt tokens: {s['prompt_tokens']} ({s['token_counting']})\n"
                    f"  completion tokens (estimate, capped at --max-tokens {config.max_tokens}): {s['est_completion_tokens']}\n"
                    f"  estimated cost: {cost} [{s['price_source']}]\n"
-                   f"  not included: re-asks of unusable replies (one per parse failure)")
+                   f"  not included: re-asks of unusable replies (one per parse failure)"
+                   + ("; the model's reasoning tokens (billed as completion tokens, often more than the answer)"
+                      if s.get("token_param") == "max_completion_tokens" else ""))
         return
     if result.status == "submitted":
         typer.echo("Batch API: submitted; run the same command again to collect the results", err=True)
@@ -300,8 +375,9 @@ def _print_reflect(result, config) -> None:
         f"  requests: {s['requests_answered']} answered, {s['requests_cached']} from cache, "
         f"{s['requests_sent']} sent, {s['retries']} retries\n"
         f"  failures: {fails}\n"
-        f"  tokens: {s['prompt_tokens']} prompt + {s['completion_tokens']} completion "
-        f"(cost {cost_text}; {s['price_source']})\n"
+        f"  tokens: {s['prompt_tokens']} prompt + {s['completion_tokens']} completion"
+        + (f", of which {s['reasoning_tokens']} reasoning" if s.get("reasoning_tokens") else "")
+        + f" (cost {cost_text}; {s['price_source']})\n"
         f"  wall time: {s['wall_s']:.1f} s",
         soft_wrap=True, highlight=False,
     )
@@ -353,6 +429,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")]
 PlainFormatOpt = Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")]
 TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")]
+TurnsOpt = Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP + " Plain data only.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)]
 
 
 @app.command()
@@ -371,6 +449,8 @@ def score(
     format: PlainFormatOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     trust_remote_code: TrustCodeOpt = False,
+    turns: TurnsOpt = TurnsPolicy.first,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Score every candidate pair with the student: IFD and r-IFD (perplexity and loss ratios), batched and resumable.
     Data parallel under `accelerate launch` or `torchrun`.
@@ -387,7 +467,7 @@ def score(
             batch_tokens=batch_tokens, max_length=max_length, only=only.value if only else None,
             reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
-            resume=not no_resume,
+            resume=not no_resume, turns=turns.value, progress=not no_progress,
         )
         result = stage.run(config)
     if result.rows and _is_main_process():
@@ -423,6 +503,8 @@ def select(
     format: PlainFormatOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     trust_remote_code: TrustCodeOpt = False,
+    turns: TurnsOpt = TurnsPolicy.first,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """The student keeps the pairs it learns most from (Selective Reflection-Tuning's two-phase rule, or Cherry's IFD).
 
@@ -442,7 +524,7 @@ def select(
             dtype=dtype.value, batch_tokens=batch_tokens, max_length=max_length,
             reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
-            resume=not no_resume,
+            resume=not no_resume, turns=turns.value, progress=not no_progress,
         )
         result = stage.run(config)
     if _is_main_process():
@@ -501,7 +583,8 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and initialization. Default: 42.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an output folder this command wrote before (only its own files).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    turns: Annotated[Optional[TurnsPolicy], typer.Option("--turns", help=_TURNS_HELP + " Default: first.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
 ) -> None:
     """Instruction-tune a student (LoRA, QLoRA or full), optionally distilling a teacher's token distributions.
 
@@ -526,7 +609,8 @@ def train(
                  "kd_loss": kd_loss.value if kd_loss else None, "kd_temperature": kd_temperature, "beta": beta,
                  "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every,
                  "keep_checkpoints": keep_checkpoints, "merge": merge, "max_steps": max_steps, "seed": seed,
-                 "overwrite": overwrite, "progress": False if no_progress else None}
+                 "overwrite": overwrite, "turns": turns.value if turns else None,
+                 "progress": False if no_progress else None}
         file_values = train_config_file(config) if config else {}
         cfg = from_values(TrainConfig, {**file_values, **{k: v for k, v in flags.items() if v is not None}})
         summary = stage.run(cfg)
@@ -571,7 +655,7 @@ def run(
     start: Annotated[Optional[StageName], typer.Option("--from", help="Start at this stage; the earlier ones must be finished.")] = None,
     until: Annotated[Optional[StageName], typer.Option("--until", help="Stop after this stage.")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Parent of the run folder. Default: the file's `runs_dir`, else ./runs.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
 ) -> None:
     """Run every stage of a pipeline file: make-student, reflect, select, train.
 

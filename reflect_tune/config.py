@@ -177,11 +177,31 @@ class ReflectConfig:
     format: Optional[str] = None
     split: Optional[str] = None
     dedupe: bool = False  # drop records whose id was already seen (counted) instead of failing
+    turns: str = "first"  # multi-turn conversations: first | last | each (records.TURN_POLICIES)
     progress: bool = True
+    # how --max-tokens is sent: auto | max_tokens | max_completion_tokens (teacher.request_params)
+    token_param: str = "auto"
+    extra_body: Optional[dict] = None  # server-specific fields added to every request body (and its cache key)
+    # how the teacher lays out its reply: "markers" (tagged blocks), "json" (a JSON object that
+    # follows prompts/*.schema.json, sent as response_format json_schema) or "auto" (json where the
+    # server accepts it: one probe, remembered per base URL and model)
+    response_format: str = "markers"
+    # "http": an OpenAI-compatible server; "transformers": the teacher runs in this process
+    # (`model` is a model spec) and keeps to the layout by construction (local_teacher.py)
+    backend: str = "http"
+    critique_tokens: int = 0  # transformers backend: tokens of critique before the text (0: none)
+    batch_size: Optional[int] = None  # transformers backend: prompts per generate call (default: 8 CPU, 64 GPU)
+    device: str = "auto"  # transformers backend
+    dtype: str = "auto"  # transformers backend
 
     def params(self) -> dict[str, Any]:
-        """Generation parameters: part of every request and of its cache key."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        """Everything a request sends besides the model and the messages: part of every request
+        and of its cache key. `teacher.request_params` decides the form (see there)."""
+        from reflect_tune.teacher import request_params
+
+        return request_params(model=self.model, base_url=self.base_url, max_tokens=self.max_tokens,
+                              temperature=self.temperature, top_p=self.top_p, token_param=self.token_param,
+                              extra_body=self.extra_body)
 
 
 @dataclass(kw_only=True)
@@ -202,6 +222,7 @@ class ScoreConfig:
     split: Optional[str] = None
     trust_remote_code: bool = False
     resume: bool = True
+    turns: str = "first"  # multi-turn plain data: first | last | each
     progress: bool = True
 
 
@@ -227,6 +248,7 @@ class SelectConfig:
     split: Optional[str] = None
     trust_remote_code: bool = False
     resume: bool = True
+    turns: str = "first"  # multi-turn plain data: first | last | each
     progress: bool = True
 
 
@@ -272,6 +294,7 @@ class TrainConfig:
     eval_samples: int = 32  # CE on the first N examples before and after training (meta.json); 0: off
     format: Optional[str] = None
     split: Optional[str] = None
+    turns: str = "first"  # multi-turn data: first | last | each
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True

@@ -1,8 +1,8 @@
 """Records out: write them in any shape and container (`convert`), and describe a file (`inspect`).
 
 Every shape keeps the id; a multi-turn conversation is written whole as messages or sharegpt, and
-refused as alpaca unless only its first exchange is asked for. Writes are atomic. Reading is
-records.py's.
+refused as alpaca unless a turns policy (`--turns first|last|each`, records.py) makes it pairs.
+Writes are atomic. Reading is records.py's.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def record_to_row(rec: Record, to: str = "alpaca", *, with_system: bool | None =
              **{k: v for k, v in t.items() if k not in ("role", "content")}} for t in turns]}
     if rec.turns is not None and not first_turn:
         raise DataError(f"{rec.where or rec.id}: a conversation of {len(rec.turns)} turns cannot be written as {to}, "
-                        "which holds one exchange; write messages or sharegpt, or pass --first-turn to keep "
-                        "only the first exchange")
+                        "which holds one exchange; write messages or sharegpt, or choose pairs with --turns first "
+                        "(the first exchange), last or each")
     if to == "alpaca":
         row: dict[str, Any] = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "output": rec.output}
         if with_system:
@@ -94,12 +94,15 @@ def write_records(records: list[Record], path: str | os.PathLike, *, to: str = "
     return write_rows([record_to_row(r, to, with_system=any_system, first_turn=first_turn) for r in records], path)
 
 
-def conversion_loss(records: list[Record], report: LoadReport, to: str) -> str | None:
+def conversion_loss(records: list[Record], report: LoadReport, to: str, turns: str | None = None) -> str | None:
     """What writing `records` as `to` would lose, in one line, or None when the output holds it all.
 
     Used before `convert` replaces its own input: every record is written in memory, read back and
-    compared field by field, and fields of the source that no Record holds count as lost.
+    compared field by field, and fields of the source that no Record holds count as lost. `turns`:
+    the policy convert was given, which makes conversations pairs (a loss when there are any).
     """
+    if turns is not None and report.multi_turn:
+        return f"{report.multi_turn} conversation(s) of more than one exchange become pairs by --turns {turns}"
     if report.extra_fields:
         return f"the field(s) {', '.join(report.extra_fields[:5])} of {report.path} are not written by convert"
     any_system = any(r.system for r in records)
@@ -140,13 +143,15 @@ def inspect_records(
     model: str | None = None,
     split: str | None = None,
     trust_remote_code: bool = False,
+    turns: str = "first",
 ) -> dict[str, Any]:
     """Everything `reflect-tune inspect` shows, as a JSON-ready dict.
 
-    Lengths are per field; `input` and `system` statistics cover only the records that have one.
-    With `model`, token counts use that model's tokenizer (no special tokens).
+    Lengths are per field, over the pairs the `turns` policy makes; `input` and `system` statistics
+    cover only the records that have one. With `model`, token counts use that model's tokenizer (no
+    special tokens). `warnings`: the load report's lines (multi-turn records, empties, duplicates).
     """
-    records, report = load_records(path, format=format, on_duplicate="keep", on_empty="keep", split=split)
+    records, report = load_records(path, format=format, on_duplicate="keep", on_empty="keep", split=split, turns=turns)
     fields = {
         "instruction": [r.instruction for r in records],
         "input": [r.input for r in records if r.input],
@@ -161,6 +166,11 @@ def inspect_records(
         "with_input": report.with_input,
         "with_system": report.with_system,
         "multi_turn": report.multi_turn,
+        "turns": report.turns,
+        "pairs": report.pairs,
+        "context_turns": report.context_turns,
+        "turns_dropped": report.turns_dropped,
+        "warnings": report.warnings(),
         "empty_instruction": report.empty_instruction,
         "empty_output": report.empty_output,
         "duplicate_ids": report.duplicate_ids,

@@ -50,22 +50,23 @@ from reflect_tune.config import (
     read_config_text,
 )
 from reflect_tune.errors import SECRET_NAME, ReflectTuneError, clip, one_line, register_secret
-from reflect_tune.records import FORMATS, check_source, is_reflected
+from reflect_tune.records import FORMATS, TURN_POLICIES, check_source, is_reflected
 
 log = logging.getLogger(__name__)
 
 STAGES = ("student", "reflect", "select", "train")
-TOP_KEYS = ("name", "runs_dir", "data", "format", "split", *STAGES)
+TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", *STAGES)
 # settings the pipeline sets itself: never in the YAML, never in a key
 OWNED = {"student": ("output", "overwrite"),
-         "reflect": ("input", "output", "progress", "format", "split"),
-         "select": ("input", "output", "progress", "resume", "format", "split"),
-         "train": ("data", "output", "progress", "resume", "overwrite", "format", "split")}
+         "reflect": ("input", "output", "progress", "format", "split", "turns"),
+         "select": ("input", "output", "progress", "resume", "format", "split", "turns"),
+         "train": ("data", "output", "progress", "resume", "overwrite", "format", "split", "turns")}
 # settings that change nothing in a stage's result: left out of its key
 # (reflect's base_url is left out like in the request cache's key: the model name identifies the teacher,
 # so a server that moved to another port or host keeps its finished work)
 UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
-                       "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer"),
+                       "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer",
+                       "batch_size"),
            "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "eval_samples")}
 PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
              "select": ("model", "proxy_model"), "train": ("model", "teacher")}
@@ -82,6 +83,7 @@ class Pipeline:
     runs_dir: str = "runs"
     format: str | None = None
     split: str | None = None
+    turns: str = "first"  # multi-turn conversations in `data`: first | last | each
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # present stages only
     lines: dict[str, int] = field(default_factory=dict)  # "section.key" -> line in the file
 
@@ -143,11 +145,13 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     for key in ("name", "data"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise ReflectTuneError(f"{where(key)}: key '{key}': required, a non-empty string")
-    for key in ("runs_dir", "format", "split"):
+    for key in ("runs_dir", "format", "split", "turns"):
         if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key].strip()):
             raise ReflectTuneError(f"{where(key)}: key '{key}': expected a non-empty string, got {clip(raw[key])}")
     if raw.get("format") is not None and raw["format"] not in FORMATS:
         raise ReflectTuneError(f"{where('format')}: key 'format': {clip(raw['format'])} is not one of {', '.join(FORMATS)}")
+    if raw.get("turns") is not None and raw["turns"] not in TURN_POLICIES:
+        raise ReflectTuneError(f"{where('turns')}: key 'turns': {clip(raw['turns'])} is not one of {', '.join(TURN_POLICIES)}")
     name = raw["name"].strip()
     if "/" in name or name in (".", ".."):
         raise ReflectTuneError(f"{where('name')}: key 'name': a folder name, without '/'")
@@ -155,7 +159,8 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
     data = raw["data"]  # next to the YAML file if it is there; else as given (e.g. a hub dataset name)
     data = data if Path(data).is_absolute() or not (base / data).exists() else str(base / data)
     pipe = Pipeline(path=str(path), name=name, data=str(data), lines=lines,
-                    runs_dir=runs_dir or str(raw.get("runs_dir") or "runs"), format=raw.get("format"), split=raw.get("split"))
+                    runs_dir=runs_dir or str(raw.get("runs_dir") or "runs"), format=raw.get("format"), split=raw.get("split"),
+                    turns=raw.get("turns") or "first")
     for stage in STAGES:
         if stage not in raw:
             continue
@@ -246,6 +251,8 @@ def plan(pipe: Pipeline) -> list[Stage]:
     with the folder the key names as its output, and never edited afterwards."""
     stages: list[Stage] = []
     data_id = {**_content_id(pipe.data), "format": pipe.format, "split": pipe.split}
+    if pipe.turns != "first":  # the default leaves the keys of earlier runs as they were
+        data_id["turns"] = pipe.turns
     feed = ("data", data_id)  # what the next pair-reading stage reads: (label, identity)
     student_dir = None
     by_name: dict[str, Stage] = {}
@@ -260,7 +267,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         by_name[name] = st
 
     def from_data() -> dict[str, Any]:  # the top-level format and split, for the stage that reads `data`
-        return {"format": pipe.format, "split": pipe.split} if feed[0] == "data" else {}
+        return {"format": pipe.format, "split": pipe.split, "turns": pipe.turns} if feed[0] == "data" else {}
 
     if "student" in pipe.sections:
         s = pipe.sections["student"]
@@ -514,9 +521,13 @@ def _student_md(st: Stage, meta: dict) -> list[str]:
 def _reflect_md(st: Stage, meta: dict) -> list[str]:
     s = meta["summary"]
     cost = "unknown" if s.get("cost_usd") is None else f"${s['cost_usd']:.4f}"
+    where = ("in this process (backend transformers)" if meta["config"].get("backend") == "transformers"
+             else f"at `{meta['config'].get('base_url') or 'api.openai.com'}`")
+    total = sum(sum(counts.values()) for counts in s["variants"].values())
+    ok = sum(counts.get("ok", 0) for counts in s["variants"].values())
     lines = ["## Teacher usage (reflect)", "",
-             f"Teacher `{meta['config'].get('model')}` at `{meta['config'].get('base_url') or 'api.openai.com'}`, "
-             f"{s['records']} records.", "",
+             f"Teacher `{meta['config'].get('model')}` {where}, reply layout `{s.get('response_format', 'markers')}`, "
+             f"{s['records']} records: **{ok} of {total} variants ok ({100 * ok / max(total, 1):.0f}%)**.", "",
              "| requests answered | from cache | sent | retries | prompt tokens | completion tokens | cost | wall |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| {s['requests_answered']} | {s['requests_cached']} | {s['requests_sent']} | {s['retries']} | "

@@ -9,7 +9,12 @@ Shapes (detected from the first record; `format=` overrides):
 
 A conversation with more than that one exchange keeps every turn in `Record.turns`: `convert` to
 messages or sharegpt writes them all, and a shape that cannot hold them (alpaca) is refused unless
-the caller asks for the first exchange only. The stages work on the first exchange and say so.
+the caller chooses a turns policy. The policy (`turns=`, `--turns`) says which pairs the stages get:
+    first  the first user -> assistant pair (the default); the other turns are counted as dropped
+    last   the last pair, the earlier turns as context in its instruction
+    each   one pair per answered user turn, each with the turns before it as context
+Context is rendered as one line per earlier turn, `User: ...`, `Assistant: ...`, `Tool: ...`, then
+`User: ` and the user turn being answered (`render_context`). The counts go in the `LoadReport`.
 
 Containers: `.json` (a list, one record, or JSON Lines by mistake), `.jsonl`, `.parquet`, a folder written by
 `datasets.save_to_disk`, or a hub dataset name (needs a reachable hub).
@@ -37,6 +42,7 @@ from reflect_tune.errors import DataError, clip
 FORMATS = ("alpaca", "wizardlm", "sharegpt", "messages")
 STATUSES = ("ok", "parse_failed", "api_failed", "skipped")  # of a variant in a reflect output
 WRITE_FORMATS = ("alpaca", "sharegpt", "messages")
+TURN_POLICIES = ("first", "last", "each")  # which pairs a multi-turn conversation gives (module docstring)
 CONTAINERS = (".jsonl", ".json", ".parquet")
 
 Policy = Literal["error", "drop", "keep"]
@@ -97,21 +103,38 @@ class LoadReport:
     duplicates_dropped: int = 0
     with_input: int = 0
     with_system: int = 0
-    multi_turn: int = 0  # records with more than one exchange (all turns kept in Record.turns)
+    multi_turn: int = 0  # records with turns besides their first exchange and its system prompt
+    turns: str = "first"  # the policy the pairs were made by (TURN_POLICIES)
+    pairs: int = 0  # pairs made from the records read (more than `records` with turns="each")
+    context_turns: int = 0  # earlier turns written into instructions as context (last, each)
+    turns_dropped: int = 0  # turns in no pair, context or system prompt (first: all but the first pair)
     empty_locations: list[str] = field(default_factory=list)  # the first few, for messages
     duplicate_locations: list[str] = field(default_factory=list)
     multi_turn_locations: list[str] = field(default_factory=list)
     extra_fields: list[str] = field(default_factory=list)  # source fields no Record holds (e.g. "category")
 
+    def turns_line(self) -> str | None:
+        """One line on what the turns policy did with multi-turn records, or None when there were none."""
+        if not self.multi_turn:
+            return None
+        head = (f"{self.path}: {self.multi_turn} record(s) have more than one exchange (first at "
+                f"{', '.join(self.multi_turn_locations)}); ")
+        if self.turns == "first":
+            return (head + f"--turns first used the first pair of each and dropped {self.turns_dropped} other "
+                    "turn(s) (use --turns each or last)")
+        dropped = (f"; dropped {self.turns_dropped} turn(s) that answer nothing (tool calls, turns after the last "
+                   "answer)" if self.turns_dropped else "")
+        if self.turns == "last":
+            return head + f"--turns last used the last pair of each, {self.context_turns} earlier turn(s) as context{dropped}"
+        return (head + f"--turns each made {self.pairs} pairs of {self.records} records, "
+                f"{self.context_turns} turn(s) of context in all{dropped}")
+
     def warnings(self, multi_turn: bool = True) -> list[str]:
         """Human-readable lines about what was found empty, duplicated or (for the stages) multi-turn."""
         out = []
-        if multi_turn and self.multi_turn:
-            out.append(
-                f"{self.path}: {self.multi_turn} record(s) hold more than one exchange (first at "
-                f"{', '.join(self.multi_turn_locations)}); this stage uses the first user -> assistant "
-                "pair of each and ignores the later turns"
-            )
+        line = self.turns_line() if multi_turn else None
+        if line:
+            out.append(line)
         if self.empty_instruction or self.empty_output:
             what = "dropped" if self.empty_dropped else "kept"
             out.append(
@@ -438,14 +461,14 @@ def _message_text(content: Any, where: str, label: str) -> str:
 
 
 def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
-                where: str) -> tuple[str, str, str, list[dict[str, Any]] | None]:
-    """(system, user, assistant, turns) from the first user turn answered by an assistant turn.
+                where: str) -> tuple[str, str, str, list[dict[str, Any]] | None, int]:
+    """(system, user, assistant, turns, unused) from the first user turn answered by an assistant turn.
 
     Turns up to that pair are checked strictly; system turns before it are joined. An assistant
     turn with null content (a tool call) answers nothing. `turns` is the whole conversation, each
     turn as {"role", "content", ...its other keys}, when any turn lies outside the pair and its
     system turns (a later exchange, a greeting, tool calls); else None. Later turns are kept as
-    they are, unchecked.
+    they are, unchecked. `unused` counts the turns outside the pair and its system turns.
     """
     turns = row[key]
     if not isinstance(turns, list):
@@ -470,12 +493,87 @@ def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
         if role == "assistant" and user is not None:
             used += [user[0], j]
             whole = _conversation(turns, who, what, roles) if len(used) < len(turns) else None
-            return "\n\n".join(system_parts), user[1], text, whole
+            return "\n\n".join(system_parts), user[1], text, whole, len(turns) - len(used)
         if role in ("system", "developer"):
             system_parts.append(text)
             used.append(j)
         user = (j, text) if role == "user" else None
     raise DataError(f"{where}: field '{key}': no user turn followed by an assistant turn")
+
+
+ROLE_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def render_context(turns: list[tuple[str, str]], user: str) -> str:
+    """The instruction of a pair with earlier turns: one `Label: text` line per earlier turn (role
+    user, assistant or tool), then `User: ` and the user turn being answered. With no earlier turns
+    it is the user turn alone, exactly as the first-pair policy reads it."""
+    if not turns:
+        return user
+    return "".join(f"{ROLE_LABELS[role]}: {text}\n" for role, text in turns) + f"User: {user}"
+
+
+@dataclass
+class _Pair:
+    system: str  # the system turns before this pair, joined with a blank line
+    context: list[tuple[str, str]]  # (role, text) of the earlier user, assistant and tool turns
+    user: str
+    assistant: str
+    end: int  # index of the assistant turn
+
+
+def _all_pairs(row: dict, key: str, who: str, what: str, roles: dict[str, str],
+               where: str) -> tuple[list[_Pair], int, bool]:
+    """Every user turn directly answered by an assistant turn, for `--turns last|each`; every turn is
+    checked. Returns (pairs, dropped, multi): `dropped` counts turns no pair uses (assistant tool
+    calls with null content before the last pair, and every turn after it); `multi` says the
+    conversation holds more than its first pair and the system turns before it.
+    """
+    turns = row[key]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
+    system_parts: list[str] = []
+    context: list[tuple[str, str]] = []
+    pairs: list[_Pair] = []
+    calls: list[int] = []  # assistant turns with null content: no text for any context
+    user: str | None = None
+    first_used = 0
+    for j, turn in enumerate(turns):
+        label = f"{key}[{j}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
+        speaker = _string(turn, who, where, label=f"{label}.{who}")
+        role = roles.get(speaker.lower())
+        if role is None:
+            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {clip(speaker)}")
+        if what not in turn:
+            raise DataError(f"{where}: field '{label}.{what}': missing")
+        if role == "assistant" and turn[what] is None:
+            calls.append(j)
+            text = None
+        else:
+            text = _message_text(turn[what], where, f"{label}.{what}")
+        if role == "assistant" and user is not None and text is not None:
+            pairs.append(_Pair("\n\n".join(system_parts), list(context), user, text, j))
+            if len(pairs) == 1:
+                first_used = len(system_parts) + 2
+            context += [("user", user), ("assistant", text)]
+            user = None
+            continue
+        if user is not None:  # a user turn nobody answered directly: context for what follows
+            context.append(("user", user))
+            user = None
+        if role in ("system", "developer"):
+            system_parts.append(text)
+        elif role == "user":
+            user = text
+        elif text is not None:
+            context.append(("assistant" if role == "assistant" else "tool", text))
+    if not pairs:
+        raise DataError(f"{where}: field '{key}': no user turn followed by an assistant turn")
+    last = pairs[-1].end
+    dropped = sum(j < last for j in calls) + len(turns) - 1 - last
+    return pairs, dropped, len(turns) > first_used
 
 
 def _conversation(turns: list, who: str, what: str, roles: dict[str, str]) -> list[dict[str, Any]]:
@@ -498,7 +596,12 @@ _RECORD_FIELDS = {"alpaca": {"id", "instruction", "input", "output", "system"},
 
 
 def normalize(row: Any, fmt: str, where: str) -> Record:
-    """One raw row in shape `fmt` to a Record (id filled in later if the row has none)."""
+    """One raw row in shape `fmt` to a Record: its first pair, with every turn in `turns` (see `pairs_of`)."""
+    return _normalize(row, fmt, where)[0]
+
+
+def _normalize(row: Any, fmt: str, where: str) -> tuple[Record, int]:
+    """(the Record of the row's first pair, how many turns of the row lie outside it and its system prompt)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
     if fmt in ("alpaca", "wizardlm"):
@@ -514,7 +617,7 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
         )
         if key not in row:
             raise DataError(f"{where}: field '{key}': missing")
-        system, instruction, output, turns = _first_pair(row, key, who, what, roles, where)
+        system, instruction, output, turns, unused = _first_pair(row, key, who, what, roles, where)
         system = system or _string(row, "system", where, optional=True)  # a top-level system prompt
         inp = ""
     else:
@@ -526,8 +629,37 @@ def normalize(row: Any, fmt: str, where: str) -> Record:
         rid = _string({"id": f"{rid}"}, "id", where)
     else:
         raise DataError(f"{where}: field 'id': expected a string or integer, got {_kind(rid)}")
+    chat = fmt in ("sharegpt", "messages")
     return Record(id=rid, instruction=instruction, input=inp, output=output, system=system,
-                  turns=turns if fmt in ("sharegpt", "messages") else None, where=where)
+                  turns=turns if chat else None, where=where), unused if chat else 0
+
+
+def pairs_of(row: Any, fmt: str, where: str, turns: str = "first") -> tuple[list[Record], bool, int, int]:
+    """The records one raw row gives under a turns policy: (records, multi, dropped, context).
+
+    `first`: the first pair, `turns` holding the whole conversation (for convert). `last`: the last
+    pair; `each`: every pair. Their instruction holds the earlier turns (`render_context`), their
+    system prompt the system turns before the pair (else the top-level `system`), `turns` is None
+    (the record is its pair), `where` is the row's. Ids: the row's id (or the content id of its
+    first pair, as `first` gives), and with `each` on a conversation of several pairs `ID#t1`,
+    `ID#t2`, ... by exchange. `multi`: the row holds turns besides its first pair and system
+    prompt; `dropped`: turns in no pair, context or system prompt; `context`: context turns written.
+    """
+    if turns not in TURN_POLICIES:
+        raise DataError(f"unknown turns policy {turns!r}; choose one of {', '.join(TURN_POLICIES)}")
+    rec, unused = _normalize(row, fmt, where)
+    if rec.turns is None:  # one exchange (or not a chat shape): every policy gives the same pair
+        return [rec], False, 0, 0
+    if turns == "first":
+        return [rec], True, unused, 0
+    key, who, what, roles = (("conversations", "from", "value", _SHAREGPT_ROLES) if fmt == "sharegpt"
+                             else ("messages", "role", "content", _MESSAGE_ROLES))
+    pairs, dropped, _ = _all_pairs(row, key, who, what, roles, where)
+    top_system = _string(row, "system", where, optional=True)
+    chosen = list(enumerate(pairs, start=1))[-1:] if turns == "last" else list(enumerate(pairs, start=1))
+    out = [Record(id=f"{rec.id}#t{k}" if len(chosen) > 1 else rec.id, instruction=render_context(p.context, p.user),
+                  output=p.assistant, system=p.system or top_system, where=where) for k, p in chosen]
+    return out, True, dropped, sum(len(p.context) for _, p in chosen)
 
 
 # ----------------------------------------------------------------------------- reflect output
@@ -543,6 +675,7 @@ class Loaded:
     candidates: list[Record]  # every pair to score, `variant` and `index` set
     statuses: list[dict[str, str]]  # per source record: variant -> status ("ok" for the original)
     warnings: list[str] = field(default_factory=list)
+    report: LoadReport | None = None  # plain data only: what reading it found (multi-turn counts, ...)
 
 
 def is_reflected(path: str | os.PathLike) -> bool:
@@ -641,17 +774,53 @@ def read_reflected(path: str | os.PathLike) -> Loaded:
     return loaded
 
 
-def load_candidates(path: str | os.PathLike, *, format: str | None = None, split: str | None = None) -> Loaded:
-    """Reflect output (the original and every ok variant) or plain instruction data (the originals)."""
+def load_candidates(path: str | os.PathLike, *, format: str | None = None, split: str | None = None,
+                    turns: str = "first") -> Loaded:
+    """Reflect output (the original and every ok variant) or plain instruction data (the originals,
+    made into pairs by the `turns` policy)."""
     if is_reflected(path):
         if format is not None:
             raise DataError(f"{path}: --format applies to plain instruction data, not to a reflect output file")
+        if turns != "first":
+            raise DataError(f"{path}: --turns applies to plain instruction data; a reflect output holds pairs "
+                            "(choose the turns policy when running reflect)")
         return read_reflected(path)
-    records, report = load_records(path, format=format, split=split, on_duplicate="keep", on_empty="keep")
+    records, report = load_records(path, format=format, split=split, on_duplicate="keep", on_empty="keep", turns=turns)
     for i, r in enumerate(records):
         r.index = i
     return Loaded(path=str(path), reflected=False, ids=[r.id for r in records], candidates=records,
-                  statuses=[{"original": "ok"} for _ in records], warnings=report.warnings())
+                  statuses=[{"original": "ok"} for _ in records], warnings=report.warnings(), report=report)
+
+
+def _keep(rec: Record, report: LoadReport, seen: dict[str, str], loc: str, where: str, on_empty: Policy,
+          on_duplicate: Policy) -> bool:
+    """Count an empty field or a repeated id of `rec` in `report`; False when the policy drops it."""
+    empty = [name for name in ("instruction", "output") if not getattr(rec, name).strip()]
+    if empty:
+        report.empty_instruction += "instruction" in empty
+        report.empty_output += "output" in empty
+        if len(report.empty_locations) < 5:
+            report.empty_locations.append(f"{loc} ({'+'.join(empty)})")
+        if on_empty == "error":
+            raise DataError(f"{where}: field '{empty[0]}': empty (pass --drop-empty to drop such records)")
+        if on_empty == "drop":
+            report.empty_dropped += 1
+            return False
+    if rec.id in seen:
+        report.duplicate_ids += 1
+        if len(report.duplicate_locations) < 5:
+            report.duplicate_locations.append(loc)
+        if on_duplicate == "error":
+            raise DataError(
+                f"{where}: field 'id': duplicate id {clip(rec.id)} (first at {seen[rec.id]}); "
+                "pass --dedupe (`dedupe: true` in a pipeline's reflect section) to keep only the first"
+            )
+        if on_duplicate == "drop":
+            report.duplicates_dropped += 1
+            return False
+    else:
+        seen[rec.id] = loc
+    return True
 
 
 def load_records(
@@ -662,18 +831,23 @@ def load_records(
     on_empty: Policy = "keep",
     split: str | None = None,
     limit: int | None = None,
+    turns: str = "first",
 ) -> tuple[list[Record], LoadReport]:
     """Read, validate and normalize every record of `path`.
 
     on_duplicate: "error" stops at the first repeated id; "drop" keeps the first occurrence;
     "keep" keeps all. on_empty (empty instruction or output): "keep", "drop" or "error".
-    Both are always counted in the returned report.
+    Both are always counted in the returned report. turns: which pairs a conversation gives
+    (`pairs_of`); multi-turn records and the turns dropped or made context are counted too.
+    `limit` counts the records returned (pairs, with turns="each").
     """
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if turns not in TURN_POLICIES:
+        raise DataError(f"unknown turns policy {turns!r}; choose one of {', '.join(TURN_POLICIES)}")
     container, rows = iter_raw(path, split=split)
     fmt = format
-    report = LoadReport(path=str(path), container=container, format=fmt or "")
+    report = LoadReport(path=str(path), container=container, format=fmt or "", turns=turns)
     records: list[Record] = []
     seen: dict[str, str] = {}
     for loc, row in rows:
@@ -692,44 +866,27 @@ def load_records(
                     "(conversations) or messages (messages); or pass --format"
                 )
             report.format = fmt
-        rec = normalize(row, fmt, where)
+        recs, multi, dropped, context = pairs_of(row, fmt, where, turns)
         report.records += 1
-        report.with_input += bool(rec.input)
-        report.with_system += bool(rec.system)
-        if rec.turns is not None:
+        report.pairs += len(recs)
+        report.with_input += bool(recs[0].input)
+        report.with_system += bool(recs[0].system)
+        if multi:
             report.multi_turn += 1
+            report.turns_dropped += dropped
+            report.context_turns += context
             if len(report.multi_turn_locations) < 5:
                 report.multi_turn_locations.append(loc)
         if len(report.extra_fields) < 20:
             for k in row:
                 if k not in _RECORD_FIELDS[fmt] and k not in report.extra_fields:
                     report.extra_fields.append(str(k))
-        empty = [name for name in ("instruction", "output") if not getattr(rec, name).strip()]
-        if empty:
-            report.empty_instruction += "instruction" in empty
-            report.empty_output += "output" in empty
-            if len(report.empty_locations) < 5:
-                report.empty_locations.append(f"{loc} ({'+'.join(empty)})")
-            if on_empty == "error":
-                raise DataError(f"{where}: field '{empty[0]}': empty (pass --drop-empty to drop such records)")
-            if on_empty == "drop":
-                report.empty_dropped += 1
+        for rec in recs:
+            if not _keep(rec, report, seen, loc, where, on_empty, on_duplicate):
                 continue
-        if rec.id in seen:
-            report.duplicate_ids += 1
-            if len(report.duplicate_locations) < 5:
-                report.duplicate_locations.append(loc)
-            if on_duplicate == "error":
-                raise DataError(
-                    f"{where}: field 'id': duplicate id {clip(rec.id)} (first at {seen[rec.id]}); "
-                    "pass --dedupe (`dedupe: true` in a pipeline's reflect section) to keep only the first"
-                )
-            if on_duplicate == "drop":
-                report.duplicates_dropped += 1
-                continue
-        else:
-            seen[rec.id] = loc
-        records.append(rec)
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
         if limit is not None and len(records) >= limit:
             break
     if report.records == 0:

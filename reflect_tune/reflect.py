@@ -21,6 +21,7 @@ by running the same command again. Format: docs/FORMATS.md §8.1.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,157 +36,19 @@ from reflect_tune.artifacts import check_output_file
 from reflect_tune.config import ReflectConfig, SettingError
 from reflect_tune.errors import ReflectTuneError, looks_like_secret, register_secret
 from reflect_tune.cache import CacheFull, RequestCache
+from reflect_tune.layout import (
+    MARKER, Prompts, check_json_ready, choose_tag, json_fields, json_prompt, layout, load_prompts, parse_blocks, parse_json, render,
+    response_format,
+)
+from reflect_tune.prices import PRICES, PRICES_DATE, table_row
 from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
 
 log = logging.getLogger("reflect_tune.reflect")
 
 STAGES = ("instruction", "response")
 VARIANTS = ("ins", "res", "res_ins")
-START_MARKERS = ("NEW INSTRUCTION", "NEW ANSWER", "BETTER ANSWER")
-PROMPT_FILES = {
-    "system": ("system.txt", (), ()),
-    "instruction": ("instruction.txt", ("instruction", "output"), ("NEW INSTRUCTION", "NEW ANSWER", "END")),
-    "response": ("response.txt", ("instruction", "output"), ("BETTER ANSWER", "END")),
-    "response_input": ("response_input.txt", ("instruction", "input", "output"), ("BETTER ANSWER", "END")),
-    "reask": ("reask.txt", ("problem", "layout"), ()),
-}
-# The marker format, owned here (the test server asks this module for it): `[[NAME]]` in a prompt
-# file, `[[NAME TAG]]` in a request and its reply, TAG being 8 hex characters chosen per request.
-MARKER = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)(?: ([0-9a-f]{6,16}))?\]\]")
-
-
-def marker(name: str, tag: str = "") -> str:
-    """`[[NAME TAG]]`, or `[[NAME]]` without a tag (as written in the prompt files)."""
-    return f"[[{name} {tag}]]" if tag else f"[[{name}]]"
-
-
-def block(name: str, text: str, tag: str = "") -> str:
-    """One block of a reply: the start marker, the text, the end marker, on their own lines."""
-    return f"{marker(name, tag)}\n{text}\n{marker('END', tag)}"
-
-
-_TOKEN = re.compile(r"\{(instruction|input|output|problem|layout)\}|\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)\]\]")
-_GENERIC_PLACEHOLDERS = {
-    "your instruction", "your new instruction", "your answer", "your new answer", "your better answer",
-    "your improved text here", "your improved instruction", "your improved answer", "new instruction",
-    "new answer", "better answer", "the new instruction", "the new answer", "the better answer",
-    "insert instruction here", "insert answer here", "your text here",
-}
-_NA = {"n a", "na", "none", "not applicable", "n a n a"}
-
-# USD per 1M tokens (prompt, completion), standard tier, from OpenAI's pricing page as of
-# 2025-08. Prices change: pass --price-in/--price-out to be exact. The Batch API costs half.
-PRICES_DATE = "2025-08"
-PRICES = {
-    "gpt-4.1-nano": (0.10, 0.40), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1": (2.00, 8.00),
-    "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4-turbo": (10.00, 30.00),
-    "gpt-3.5-turbo": (0.50, 1.50), "o4-mini": (1.10, 4.40), "o3-mini": (1.10, 4.40), "o3": (2.00, 8.00),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts: load, validate, render
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class Prompts:
-    texts: dict[str, str]
-    sources: dict[str, str]
-    sha256: dict[str, str]
-    placeholders: set[str] = field(default_factory=set)
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"[\W_]+", " ", text.lower()).strip()
-
-
-def load_prompts(folder: str | None = None) -> Prompts:
-    """The built-in prompts, with any file present in `folder` taking precedence. Validated."""
-    builtin = resources.files("reflect_tune") / "prompts"
-    if folder is not None and not Path(folder).is_dir():
-        raise ReflectTuneError(f"{folder}: --prompts must be a folder holding any of "
-                               + ", ".join(f for f, _, _ in PROMPT_FILES.values()))
-    texts, sources, digests, placeholders = {}, {}, {}, set(_GENERIC_PLACEHOLDERS)
-    for name, (filename, needs, markers) in PROMPT_FILES.items():
-        path = Path(folder) / filename if folder else None
-        source = path if path is not None and path.is_file() else builtin / filename
-        try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ReflectTuneError(f"{source}: cannot read prompt: {e}") from None
-        where = str(source)
-        for placeholder in needs:
-            if "{" + placeholder + "}" not in text:
-                raise ReflectTuneError(f"{where}: prompt lacks the placeholder {{{placeholder}}}")
-        for name_ in markers:
-            if marker(name_) not in text:
-                raise ReflectTuneError(f"{where}: prompt lacks the marker {marker(name_)}")
-        for m in re.finditer(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER)\]\](.*?)\[\[END\]\]", text, re.S):
-            placeholders.add(_normalize(m.group(2)))  # the layout example's filler text
-        texts[name], sources[name] = text.strip("\n"), where
-        digests[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    placeholders.discard("")
-    return Prompts(texts=texts, sources=sources, sha256=digests, placeholders=placeholders)
-
-
-def render(template: str, values: dict[str, str], tag: str) -> str:
-    """Fill placeholders and tag markers in one pass over the template; values are never rescanned."""
-
-    def fill(m: re.Match) -> str:
-        if m.group(1):
-            return values.get(m.group(1), m.group(0))
-        return marker(m.group(2), tag)
-
-    return _TOKEN.sub(fill, template)
-
-
-def choose_tag(*texts: str) -> str:
-    """A marker tag, stable for the same texts (so cache keys are stable), absent from them."""
-    seed = json.dumps(texts, ensure_ascii=False)
-    for salt in range(1000):
-        tag = hashlib.sha256(f"{salt}:{seed}".encode("utf-8")).hexdigest()[:8]
-        if not any(tag in t for t in texts):
-            return tag
-    raise ReflectTuneError("could not choose a marker tag")  # pragma: no cover - needs 1000 collisions
-
-
-def layout(names: tuple[str, ...], tag: str) -> str:
-    return "\n".join(block(n, f"(the {n.lower()})", tag) for n in names)
-
-
-def parse_blocks(text: str, names: tuple[str, ...], tag: str, placeholders: set[str],
-                 finish_reason: str | None = "stop") -> tuple[dict[str, str] | None, str | None]:
-    """Take each block's text between its tagged start marker and the next tagged marker.
-
-    The last start marker wins (the teacher's final answer comes after its analysis). A block
-    ends at `[[END tag]]` or at the next tagged start marker; a missing end is accepted only when
-    the reply ended naturally (not cut at max_tokens). A block that is empty, "N/A", or the layout's
-    filler (whole, or as its first line) is a problem. Returns (blocks, None) or (None, problem).
-    """
-    end, out = marker("END", tag), {}
-    for name in names:
-        start = marker(name, tag)
-        i = text.rfind(start)
-        if i < 0:
-            return None, f"no {start} marker"
-        body_start = i + len(start)
-        stops = [j for j in (text.find(m, body_start) for m in [end] + [marker(n, tag) for n in START_MARKERS]) if j >= 0]
-        if not stops and finish_reason == "length":
-            return None, f"no {end} marker after {start} (the reply hit --max-tokens)"
-        body = text[body_start:min(stops)] if stops else text[body_start:]
-        body = body.strip()
-        norm = _normalize(body)
-        if not body:
-            return None, f"empty text after {start}"
-        if norm in _NA:
-            return None, f"N/A after {start}"
-        if norm in placeholders or _normalize(body.split("\n", 1)[0]) in placeholders:
-            # the whole block, or its first line, is the layout's filler: what follows it was not
-            # written as the answer (a small teacher echoes "(the better answer)", then chats on)
-            return None, f"placeholder echo after {start}"
-        out[name] = body
-    return out, None
+RESPONSE_FORMATS = ("markers", "json", "auto")
+BACKENDS = ("http", "transformers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +65,22 @@ def _variant(status: str, reason: str | None, usage: dict[str, int], **texts: An
 
 
 async def ask(client: TeacherClient, prompts: Prompts, kind: str, instruction: str, input: str, output: str,
-              reask: bool = True) -> dict:
-    """One reflection (with its single re-ask). Returns the variant as written to the output."""
+              reask: bool = True, fmt: str = "markers") -> dict:
+    """One reflection (with its single re-ask). Returns the variant as written to the output.
+
+    `fmt`: "markers" (tagged blocks in free text) or "json" (response_format json_schema)."""
     if kind == "ins":
         template, names = prompts.texts["instruction"], ("NEW INSTRUCTION", "NEW ANSWER")
         values = {"instruction": instruction + ("\n" + input if input else ""), "output": output}
     else:
         template, names = prompts.texts["response_input" if input else "response"], ("BETTER ANSWER",)
         values = {"instruction": instruction, "input": input, "output": output}
+    schema_kind = "instruction" if kind == "ins" else "response"
     tag = choose_tag(instruction, input, output)
+    extra = None
+    if fmt == "json":
+        template = json_prompt(prompts, template, schema_kind)
+        extra = {"response_format": response_format(prompts, schema_kind)}
     messages = [{"role": "user", "content": render(template, values, tag)}]
     if prompts.texts["system"].strip():
         messages.insert(0, {"role": "system", "content": prompts.texts["system"]})
@@ -219,18 +88,22 @@ async def ask(client: TeacherClient, prompts: Prompts, kind: str, instruction: s
     problem = None
     try:
         for attempt in range(2 if reask else 1):
-            reply = await client.chat(messages)
+            reply = await client.chat(messages, extra=extra)
             usage["requests"] += 1
             usage["prompt_tokens"] += reply.prompt_tokens
             usage["completion_tokens"] += reply.completion_tokens
-            blocks, why = parse_blocks(reply.text, names, tag, prompts.placeholders, reply.finish_reason)
+            if fmt == "json":
+                blocks, why = parse_json(reply.text, names, prompts.placeholders, reply.finish_reason)
+            else:
+                blocks, why = parse_blocks(reply.text, names, tag, prompts.placeholders, reply.finish_reason)
             if blocks is not None:
                 if kind == "ins":
                     return _variant("ok", None, usage, instruction=blocks["NEW INSTRUCTION"], input="",
                                     output=blocks["NEW ANSWER"])
                 return _variant("ok", None, usage, output=blocks["BETTER ANSWER"])
             problem = why if problem is None else f"{problem}; after re-ask: {why}"
-            reask = render(prompts.texts["reask"], {"problem": why, "layout": layout(names, tag)}, tag)
+            shape = layout(names, tag) if fmt == "markers" else prompts.texts["json"].replace("{fields}", json_fields(prompts, schema_kind))
+            reask = render(prompts.texts["reask"], {"problem": why, "layout": shape}, tag)
             messages = messages + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": reask}]
     except ApiFailed as e:
         return _variant("api_failed", e.reason, usage, **_no_text(kind))
@@ -243,13 +116,14 @@ def _no_text(kind: str) -> dict[str, None]:
     return {"instruction": None, "input": None, "output": None} if kind == "ins" else {"output": None}
 
 
-async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: tuple[str, ...], reask: bool = True) -> dict:
+async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: tuple[str, ...], reask: bool = True,
+                         fmt: str = "markers") -> dict:
     """All requested variants of one record; `ins` and `res` run concurrently, `res_ins` after `ins`."""
     jobs = {}
     if "instruction" in stages:
-        jobs["ins"] = ask(client, prompts, "ins", rec.instruction, rec.input, rec.output, reask)
+        jobs["ins"] = ask(client, prompts, "ins", rec.instruction, rec.input, rec.output, reask, fmt)
     if "response" in stages:
-        jobs["res"] = ask(client, prompts, "res", rec.instruction, rec.input, rec.output, reask)
+        jobs["res"] = ask(client, prompts, "res", rec.instruction, rec.input, rec.output, reask, fmt)
     try:
         done = dict(zip(jobs, await asyncio.gather(*jobs.values())))
     except FatalApiError as e:
@@ -267,7 +141,7 @@ async def reflect_record(rec, client: TeacherClient, prompts: Prompts, stages: t
         status = "pending" if ins["status"] == "pending" else "skipped"
         variants["res_ins"] = _variant(status, "ins not ok", _usage(), output=None)
     else:
-        variants["res_ins"] = await ask(client, prompts, "res_ins", ins["instruction"], "", ins["output"], reask)
+        variants["res_ins"] = await ask(client, prompts, "res_ins", ins["instruction"], "", ins["output"], reask, fmt)
     total = _usage()
     for v in variants.values():
         for k in total:
@@ -294,9 +168,13 @@ def validate(config: ReflectConfig) -> None:
     for name, value in (("no_wait", config.no_wait), ("retry_failed", config.retry_failed)):
         if value and not config.batch_api:
             raise SettingError(name, f"--{name.replace('_', '-')} only applies with --batch-api")
+    _validate_teacher(config)
     check_api_key_env(config.api_key_env)
     api_key(config)
-    load_prompts(config.prompts)
+    prompts = load_prompts(config.prompts)
+    if config.response_format != "markers":
+        check_json_ready(prompts)
+    request_params(config)  # --extra-body and --token-param mistakes, before the input is read
     out = Path(config.output)
     if out.suffix != ".jsonl":
         raise ReflectTuneError(f"{out}: the reflect output is JSON Lines; name it *.jsonl")
@@ -304,6 +182,36 @@ def validate(config: ReflectConfig) -> None:
     if not parent.is_dir():
         raise ReflectTuneError(f"{out}: the folder {parent} does not exist")
     check_output_file(out, [config.input])  # not a folder, not the input, and writable: before any request
+
+
+def _validate_teacher(config: ReflectConfig) -> None:
+    """--response-format and --backend, and the settings that only one backend takes."""
+    if config.response_format not in RESPONSE_FORMATS:
+        raise SettingError("response_format", f"--response-format: expected one of {', '.join(RESPONSE_FORMATS)}, "
+                                              f"got {config.response_format!r}")
+    if config.backend not in BACKENDS:
+        raise SettingError("backend", f"--backend: expected one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.critique_tokens < 0:
+        raise SettingError("critique_tokens", "--critique-tokens must be 0 or more")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise SettingError("batch_size", "--batch-size must be at least 1")
+    if config.backend == "transformers":
+        for name, bad in (("base_url", config.base_url is not None), ("batch_api", config.batch_api),
+                          ("extra_body", bool(config.extra_body)), ("response_format", config.response_format == "json")):
+            if bad:
+                raise SettingError(name, f"--{name.replace('_', '-')} is for an HTTP teacher; --backend transformers runs "
+                                         "the model in this process and keeps to the markers layout by construction")
+        from reflect_tune.models import resolve_model
+
+        resolve_model(config.model)  # a model spec that resolves here (bundled:, a folder, a hub id in the cache)
+    elif config.response_format != "markers" and "response_format" in (config.extra_body or {}):
+        raise SettingError("extra_body", f"--extra-body: 'response_format' is sent by --response-format "
+                                         f"{config.response_format}; leave it out of --extra-body")
+    if config.backend == "http":
+        defaults = {"critique_tokens": 0, "batch_size": None, "device": "auto", "dtype": "auto"}
+        for name, default in defaults.items():
+            if getattr(config, name) != default:
+                raise SettingError(name, f"--{name.replace('_', '-')} only applies with --backend transformers")
 
 
 def check_api_key_env(name: str) -> None:
@@ -318,7 +226,7 @@ def api_key(config: ReflectConfig) -> str | None:
     """The key from the environment (None for a local server that needs none); registered as a secret."""
     key = os.environ.get(config.api_key_env) or None
     register_secret(key)  # no message or written file may show it
-    if key is None and config.base_url is None and not config.dry_run:
+    if key is None and config.base_url is None and config.backend == "http" and not config.dry_run:
         raise ReflectTuneError(f"the environment variable {config.api_key_env} is not set (it holds the OpenAI API key; "
                                "use --api-key-env NAME for another variable, or --base-url for a local server)")
     return key
@@ -351,7 +259,7 @@ def run(config: ReflectConfig) -> ReflectResult:
     validate(config)
     prompts = load_prompts(config.prompts)
     records, report = load_records(config.input, format=config.format, split=config.split, limit=config.limit,
-                                   on_duplicate="drop" if config.dedupe else "error")
+                                   on_duplicate="drop" if config.dedupe else "error", turns=config.turns)
     if not records:
         raise ReflectTuneError(f"{config.input}: no records to reflect")
     for line in report.warnings():
@@ -361,11 +269,18 @@ def run(config: ReflectConfig) -> ReflectResult:
     started = time.time()
     try:
         if config.dry_run:
+            if config.response_format == "auto":
+                config = dataclasses.replace(config, response_format=resolve_response_format(config, None, cache.folder)[0])
             return ReflectResult(status="planned", summary=dry_run(config, records, prompts, cache), output=config.output)
         cache.ensure_reserve()  # room to keep the replies in flight if the disk fills up
-        client = TeacherClient(model=config.model, base_url=config.base_url, api_key=key, params=config.params(),
+        client = TeacherClient(model=config.model, base_url=config.base_url, api_key=key, params=request_params(config),
                                cache=cache, concurrency=config.concurrency, rpm=config.rpm, tpm=config.tpm,
-                               timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff)
+                               timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff,
+                               local=_local_teacher(config))
+        if config.response_format == "auto":
+            used, why = resolve_response_format(config, client, cache.folder)
+            log.info("--response-format auto: %s (%s)", used, why)
+            config = dataclasses.replace(config, response_format=used)
         if config.tpm is not None:
             _check_tpm(config, records, prompts)
         if config.batch_api:
@@ -386,6 +301,69 @@ def run(config: ReflectConfig) -> ReflectResult:
         cache.close()
 
 
+def request_params(config: ReflectConfig) -> dict[str, Any]:
+    """What every request carries besides its messages (and so its cache key). The in-process teacher's
+    keys say so, so a server that happens to use the same model name never shares its replies."""
+    if config.backend == "transformers":
+        return {"backend": "transformers", "temperature": config.temperature, "top_p": config.top_p,
+                "max_tokens": config.max_tokens, "critique_tokens": config.critique_tokens}
+    return config.params()
+
+
+def _local_teacher(config: ReflectConfig):
+    if config.backend != "transformers":
+        return None
+    from reflect_tune.local_teacher import LocalTeacher
+
+    log.info("loading the teacher %s in this process (--backend transformers)", config.model)
+    return LocalTeacher(spec=config.model, device=config.device, dtype=config.dtype, batch_size=config.batch_size,
+                        critique_tokens=config.critique_tokens, temperature=config.temperature, top_p=config.top_p)
+
+
+PROBE_FILE = "response_format.json"  # in the cache folder: {"BASE_URL MODEL": {"json": bool, "why": str, "checked": date}}
+
+
+def resolve_response_format(config: ReflectConfig, client: TeacherClient, folder: Path) -> tuple[str, str]:
+    """`auto`: json where the server honours response_format json_schema, else markers.
+
+    The in-process teacher always takes markers. For a server, one probe request answers; the
+    answer is remembered per base URL and model in the cache folder (delete the file to probe again)."""
+    if config.backend == "transformers":
+        return "markers", "the in-process teacher keeps to the markers by construction"
+    from reflect_tune.artifacts import atomic_path
+
+    where = f"{config.base_url or 'https://api.openai.com/v1'} {config.model}"
+    path = folder / PROBE_FILE
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(where), dict) and isinstance(known[where].get("json"), bool):
+        entry = known[where]
+        return ("json" if entry["json"] else "markers"), f"{entry.get('why', '')}; remembered in {path}"
+    if config.dry_run:
+        return "markers", "not probed in a dry run; markers assumed"
+
+    async def probe():
+        try:
+            return await client.probe_json(PROBE_SCHEMA)
+        finally:
+            await client.aclose()
+
+    ok, why = asyncio.run(probe())
+    known[where] = {"json": ok, "why": why, "checked": time.strftime("%Y-%m-%d")}
+    try:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(known, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as e:
+        log.warning("could not remember the probe in %s (%s); the next run probes again", path, e.strerror or e)
+    return ("json" if ok else "markers"), why
+
+
+PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
 def _check_tpm(config: ReflectConfig, records, prompts: Prompts) -> None:
     longest = max(len(r.instruction) + len(r.input) + len(r.output) for r in records)
     widest = max(len(t) for t in prompts.texts.values())
@@ -403,7 +381,8 @@ async def walk(records, client: TeacherClient, prompts: Prompts, config: Reflect
 
     async def worker() -> None:
         for i in next_index:
-            results[i] = await reflect_record(records[i], client, prompts, config.stages, config.reask)
+            results[i] = await reflect_record(records[i], client, prompts, config.stages, config.reask,
+                                              "json" if config.response_format == "json" else "markers")
             bar.record_done(results[i])
 
     workers = [asyncio.create_task(worker()) for _ in range(min(config.concurrency, len(records)))]
@@ -449,58 +428,50 @@ def _rejected(records, lines: list[dict]) -> list[str]:
 
 
 class _Progress:
-    """A rich progress bar on stderr: records done/total, requests/s, tokens/s, failures, ETA."""
+    """Records done/total, requests/s, tokens/s and failures on stderr (progress.py: a rich bar on a
+    terminal, a plain line every REFLECT_TUNE_PROGRESS_INTERVAL seconds elsewhere, then a final line)."""
 
     def __init__(self, total: int, client: TeacherClient, enabled: bool):
-        self.client, self.enabled, self.started = client, enabled, time.monotonic()
-        self.failed = 0
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from reflect_tune.progress import Progress
 
-        self.progress = Progress(
-            TextColumn("reflect"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rps]:.1f} req/s  {task.fields[tps]:.0f} tok/s  failed {task.fields[failed]}"),
-            TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4,
-        )
-        self.task = self.progress.add_task("reflect", total=total, rps=0.0, tps=0.0, failed=0)
-        self.progress.start()
+        self.client, self.started = client, time.monotonic()
+        self.failed = 0
+        self.bar = Progress("reflect", total, unit="records", rate_unit="rec", enabled=enabled)
+        self.bar.update(failed=0)
+        self.refresh()
 
     def record_done(self, line: dict) -> None:
         self.failed += sum(v["status"] in ("api_failed", "parse_failed") for v in line["variants"].values())
-        if self.enabled:
-            self.progress.advance(self.task)
-            self.refresh()
+        self.bar.update(advance=1, failed=self.failed)
+        self.refresh()
 
     def refresh(self) -> None:
-        if not self.enabled:
-            return
         s, dt = self.client.stats, max(time.monotonic() - self.started, 1e-6)
-        self.progress.update(self.task, rps=(s.succeeded + s.cached) / dt,
-                             tps=(s.prompt_tokens + s.completion_tokens) / dt, failed=self.failed)
+        self.bar.update(note=f"{(s.succeeded + s.cached) / dt:.1f} req/s, {(s.prompt_tokens + s.completion_tokens) / dt:.0f} tok/s")
 
     def close(self) -> None:
-        if self.enabled:
-            self.refresh()
-            self.progress.stop()
+        self.refresh()
+        self.bar.close()
 
 
 def price_for(config: ReflectConfig) -> tuple[float | None, float | None, str]:
     """USD per 1M prompt and completion tokens, and where the figures came from."""
     if config.price_in is not None or config.price_out is not None:
         return config.price_in or 0.0, config.price_out or 0.0, "--price-in/--price-out"
-    name = config.model.split("/")[-1].lower()
-    for prefix in sorted(PRICES, key=len, reverse=True):
-        if name.startswith(prefix):
-            p_in, p_out = PRICES[prefix]
-            if config.batch_api:
-                return p_in / 2, p_out / 2, f"built-in table ({PRICES_DATE}, {prefix}, Batch API half price)"
-            return p_in, p_out, f"built-in table ({PRICES_DATE}, {prefix})"
-    return None, None, "unknown model: pass --price-in/--price-out"
+    if config.backend == "transformers":
+        return 0.0, 0.0, "in-process teacher (--backend transformers): no API cost"
+    row = table_row(config.model)
+    if row is None:
+        return None, None, "unknown model: pass --price-in/--price-out"
+    p_in, p_out = PRICES[row]
+    if config.batch_api:
+        return p_in / 2, p_out / 2, f"built-in table ({PRICES_DATE}, {row}, Batch API half price)"
+    return p_in, p_out, f"built-in table ({PRICES_DATE}, {row})"
 
 
 def cost(prompt_tokens: int, completion_tokens: int, config: ReflectConfig) -> float | None:
+    """USD for the tokens. `completion_tokens` as OpenAI reports them already hold the reasoning
+    tokens (billed as output), so they are priced here once and never added again."""
     p_in, p_out, _ = price_for(config)
     if p_in is None:
         return None
@@ -525,9 +496,10 @@ def _summary(config: ReflectConfig, lines: list[dict], client: TeacherClient, wa
         "requests_sent": s.sent, "requests_answered": s.succeeded, "requests_cached": s.cached,
         "requests_from_other_process": s.waited_for_others, "variants_rejected": rejected,
         "retries": s.retries, "retries_by_kind": dict(s.retry_kinds), "failures_by_kind": failures,
-        "variants": statuses,
-        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+        "variants": statuses, "response_format": config.response_format, "backend": config.backend,
+        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens, "reasoning_tokens": s.reasoning_tokens,
         "cached_prompt_tokens": s.cached_prompt_tokens, "cached_completion_tokens": s.cached_completion_tokens,
+        "cached_reasoning_tokens": s.cached_reasoning_tokens,
         "cost_usd": cost(s.prompt_tokens, s.completion_tokens, config), "price_source": price_source,
         "rate_limit_wait_s": round(client.limiter.waited, 3), "wall_s": round(wall, 3),
     }
@@ -562,19 +534,11 @@ def token_counter(config: ReflectConfig):
     """(count_messages, count_text, description): tiktoken for OpenAI names, else an HF tokenizer."""
     name = config.model.split("/")[-1]
     if config.tokenizer is None and _OPENAI_NAME.match(name):
-        try:
-            import tiktoken
-
-            try:
-                enc = tiktoken.encoding_for_model(name)
-            except KeyError:
-                enc = tiktoken.get_encoding("o200k_base")
-            text = lambda s: len(enc.encode(s, disallowed_special=()))  # noqa: E731
-            return _per_message(text), text, f"tiktoken {enc.name}"
-        except Exception as e:  # the encoding files are downloaded on first use; offline they are missing
-            log.warning("tiktoken could not load an encoding for %s (%s); estimating 4 characters per token",
-                        name, str(e).splitlines()[0][:120])
+        enc = tiktoken_encoding(name)
+        if enc is None:
             return _heuristic()
+        text = lambda s: len(enc.encode(s, disallowed_special=()))  # noqa: E731
+        return _per_message(text), text, f"tiktoken {enc.name}"
     spec = config.tokenizer or config.model
     from reflect_tune.models import load_tokenizer, resolve_model
 
@@ -598,6 +562,51 @@ def token_counter(config: ReflectConfig):
     return messages, text, f"tokenizer of {spec}"
 
 
+TIKTOKEN_FILES = "https://openaipublic.blob.core.windows.net/encodings"  # where tiktoken downloads {name}.tiktoken
+
+
+def tiktoken_folder() -> Path:
+    """Where tiktoken keeps its encoding files for us: TIKTOKEN_CACHE_DIR when the user set it, else
+    $REFLECT_TUNE_CACHE/tiktoken (tiktoken's own default is a temporary folder)."""
+    from reflect_tune.models import cache_dir
+
+    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or cache_dir() / "tiktoken")
+
+
+def tiktoken_encoding(model: str):
+    """tiktoken's encoding for an OpenAI model name (o200k_base for a name tiktoken does not know),
+    or None with one warning line when it cannot be had. Its file is downloaded once (tiktoken
+    checks its sha256) into `tiktoken_folder()`; TIKTOKEN_CACHE_DIR is set for this call only."""
+    try:
+        import tiktoken
+        from tiktoken.model import encoding_name_for_model
+    except ImportError:
+        log.warning("warning: tiktoken is not installed (pip install tiktoken); estimating 4 characters per token")
+        return None
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError:
+        name = "o200k_base"
+    folder = tiktoken_folder()
+    before = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = before if before is not None else str(folder)
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # offline, a proxy refusing, a damaged download, a read-only folder
+        url = f"{TIKTOKEN_FILES}/{name}.tiktoken"
+        where = folder / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's name for the cached file
+        network = type(e).__module__.split(".")[0] in ("requests", "urllib3")  # its text is a long repr of the pool
+        why = type(e).__name__ if network else " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        log.warning("warning: tiktoken could not %s %s (%s); it would be cached as %s (put the file there to "
+                    "count offline); estimating 4 characters per token", "fetch" if network else "load", url, why, where)
+        return None
+    finally:
+        if before is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = before
+
+
 def _per_message(text):
     """Chat tokens without a template: each message's content plus ~4 framing tokens, plus 3 to prime the reply."""
     return lambda msgs: sum(text(m["content"]) + 4 for m in msgs) + 3
@@ -610,7 +619,7 @@ def _heuristic():
 
 def dry_run(config: ReflectConfig, records, prompts: Prompts, cache: RequestCache) -> dict[str, Any]:
     """Plan the run against the cache: what would be sent, its tokens and its cost."""
-    client = TeacherClient(model=config.model, base_url=config.base_url, api_key=None, params=config.params(),
+    client = TeacherClient(model=config.model, base_url=config.base_url, api_key=None, params=request_params(config),
                            cache=cache, collect=True)
     lines = asyncio.run(walk(records, client, prompts, config, progress=False))
     bodies = list(client.pending.values())
@@ -641,5 +650,7 @@ def dry_run(config: ReflectConfig, records, prompts: Prompts, cache: RequestCach
         "prompt_tokens": prompt_tokens, "est_completion_tokens": completion_tokens,
         "price_in_per_1m": p_in, "price_out_per_1m": p_out, "price_source": source, "est_cost_usd": est_cost,
         "token_counting": how,
+        # the reasoning-model form: its reasoning tokens, billed as completion tokens, are not estimated
+        "token_param": "max_completion_tokens" if "max_completion_tokens" in client.params else "max_tokens",
     }
     return plan

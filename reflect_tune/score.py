@@ -45,7 +45,8 @@ from typing import Any
 from reflect_tune.artifacts import ShardStore, shard_folder
 from reflect_tune.config import ScoreConfig, SettingError
 from reflect_tune.errors import ReflectTuneError
-from reflect_tune.records import Record, load_candidates
+from reflect_tune.progress import Progress
+from reflect_tune.records import TURN_POLICIES, Record, load_candidates
 from reflect_tune.templates import REVERSE_DEFAULT, reverse_text, template_prompt
 
 log = logging.getLogger(__name__)
@@ -444,24 +445,6 @@ class ScoreStats:
         return d
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units"),
-        TextColumn("[cyan]{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout stays for results
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def score_units(
     scorer: Scorer,
     units: dict[str, Pass],
@@ -470,7 +453,7 @@ def score_units(
     stats: ScoreStats,
     *,
     progress: bool = True,
-    label: str = "scoring",
+    label: str = "score",
 ) -> None:
     """Score every unit not in `known` (updated in place), sharing the batches among processes."""
     todo = [p for k, p in units.items() if k not in known]
@@ -481,8 +464,7 @@ def score_units(
     results: list[tuple[str, float, int]] = []
     started = time.perf_counter()
     tokens_done = 0
-    with _progress(progress and scorer.is_main) as bar:
-        task = bar.add_task(label, total=sum(len(b) for b in mine), tps="-")
+    with Progress(label, sum(len(b) for b in mine), unit="units", enabled=progress and scorer.is_main) as bar:
         for batch in mine:
             losses = batch_losses(scorer.model, batch, scorer.device, scorer.head)
             done = [(p.key, loss, p.tokens) for p, loss in zip(batch, losses)]
@@ -493,7 +475,7 @@ def score_units(
             stats.padded_tokens += len(batch) * max(len(p.ids) for p in batch)
             stats.shared_tokens += shared_prefix(batch) * (len(batch) - 1)
             elapsed = time.perf_counter() - started
-            bar.update(task, advance=len(batch), tps=f"{tokens_done / elapsed:,.0f}" if elapsed else "-")
+            bar.update(advance=len(batch), note=f"{tokens_done / elapsed:,.0f} tok/s" if elapsed else "")
     stats.tokens += tokens_done
     stats.seconds += time.perf_counter() - started
     if scorer.world > 1:
@@ -570,7 +552,7 @@ class ScoreSession:
         self._seen: set[str] = set()
         self._passes: set[tuple[int, str, str]] = set()
 
-    def score(self, cands: list[Record], wants: list[tuple[str, ...]], label: str = "scoring") -> list[dict[str, Any]]:
+    def score(self, cands: list[Record], wants: list[tuple[str, ...]], label: str = "score") -> list[dict[str, Any]]:
         """A scores row per candidate; `wants[i]` names the directions ("ifd", "rifd") candidate i needs."""
         built = [build_passes(self.scorer, c, w) for c, w in zip(cands, wants)]
         units: dict[str, Pass] = {}
@@ -652,10 +634,16 @@ def nan_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_turns(turns: str) -> None:
+    if turns not in TURN_POLICIES:
+        raise SettingError("turns", f"setting 'turns': {turns!r} is not one of {', '.join(TURN_POLICIES)}")
+
+
 def validate(config: ScoreConfig) -> None:
     """The settings and the output, before the input is read or a model loads."""
     if config.only not in (None, "ifd", "rifd"):
         raise SettingError("only", f"--only must be ifd or rifd, got {config.only!r}")
+    check_turns(config.turns)
     check_output(config.output, ".parquet", [config.input])
     check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
 
@@ -665,7 +653,7 @@ def run(config: ScoreConfig) -> ScoreResult:
     from reflect_tune.artifacts import provenance, write_meta
 
     validate(config)
-    loaded = load_candidates(config.input, format=config.format, split=config.split)
+    loaded = load_candidates(config.input, format=config.format, split=config.split, turns=config.turns)
     for w in loaded.warnings:
         log.warning("warning: %s", w)
     scorer = open_scorer(
@@ -684,6 +672,8 @@ def run(config: ScoreConfig) -> ScoreResult:
     meta = provenance("score", config, inputs=[config.input] if Path(config.input).exists() else [])
     meta["scoring"] = scoring_meta(scorer, session.stats)
     meta["report"] = {"records": len(loaded.ids), "reflected": loaded.reflected, **nan_summary(rows)}
+    if loaded.report is not None:
+        meta["load_report"] = loaded.report.__dict__
     write_scores(rows, config.output)
     write_meta(config.output, meta)
     if session.store is not None:

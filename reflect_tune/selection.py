@@ -38,6 +38,7 @@ from reflect_tune.score import (
     ScoreSession,
     check_options,
     check_output,
+    check_turns,
     nan_summary,
     open_scorer,
     scoring_meta,
@@ -158,6 +159,7 @@ def validate(config: SelectConfig, reflected: bool | None = None) -> str:
         raise SettingError("proxy_model", "--proxy-model applies only to --method superfilter")
     if method != "superfilter" and not config.model:
         raise SettingError("model", "--model is required: the student that scores the data")
+    check_turns(config.turns)
     check_output(config.output, ".jsonl", [config.input])
     check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
     _, scores_path, report_dir = output_paths(config.output)
@@ -172,7 +174,7 @@ def run(config: SelectConfig) -> SelectResult:
 
     method = validate(config)  # the input's kind is read from it the same way load_candidates reads it
     out, scores_path, report_dir = output_paths(config.output)
-    loaded = load_candidates(config.input, format=config.format, split=config.split)
+    loaded = load_candidates(config.input, format=config.format, split=config.split, turns=config.turns)
     for w in loaded.warnings:
         log.warning("warning: %s", w)
     template = config.template
@@ -191,7 +193,7 @@ def run(config: SelectConfig) -> SelectResult:
     else:
         cands = [c for c in loaded.candidates if c.variant == "original"]
         direction = "rifd" if method == "rifd" else "ifd"
-        rows = session.score(cands, [(direction,)] * len(cands), label=f"scoring {direction}")
+        rows = session.score(cands, [(direction,)] * len(cands), label=f"select ({direction})")
         outcomes = [Outcome(index=c.index, kept=i) for i, c in enumerate(cands)]
         need = (direction,)
     session.finish()
@@ -231,6 +233,8 @@ def run(config: SelectConfig) -> SelectResult:
     meta = provenance("select", config, inputs=inputs)
     meta["scoring"] = scoring_meta(scorer, session.stats)
     meta["summary"] = summary
+    if loaded.report is not None:
+        meta["load_report"] = loaded.report.__dict__
     write_scores(rows, scores_path)
     write_meta(scores_path, meta)
     _write_jsonl(selected, out)
@@ -249,7 +253,7 @@ def _select_srt(session: ScoreSession, cands: list[Record], records: int, keep_m
     rows: list[dict[str, Any] | None] = [None] * len(cands)
 
     first = [i for i, c in enumerate(cands) if c.variant in ("original", "ins")]
-    for i, row in zip(first, session.score([cands[i] for i in first], [("ifd",)] * len(first), label="phase 1: IFD")):
+    for i, row in zip(first, session.score([cands[i] for i in first], [("ifd",)] * len(first), label="select phase 1 (IFD)")):
         rows[i] = row
     outcomes: list[Outcome] = []
     second: list[int] = []
@@ -272,7 +276,7 @@ def _select_srt(session: ScoreSession, cands: list[Record], records: int, keep_m
         outcomes.append(o)
     # the winner's IFD is known from phase 1; the response variant's IFD waits until it wins phase 2
     wants = [("ifd", "rifd") if k % 2 == 0 else ("rifd",) for k in range(len(second))]
-    scored = session.score([cands[i] for i in second + solo], wants + [("ifd", "rifd")] * len(solo), label="phase 2: r-IFD")
+    scored = session.score([cands[i] for i in second + solo], wants + [("ifd", "rifd")] * len(solo), label="select phase 2 (r-IFD)")
     for i, row in zip(second + solo, scored):
         rows[i] = row
     third: list[int] = []
@@ -285,12 +289,12 @@ def _select_srt(session: ScoreSession, cands: list[Record], records: int, keep_m
         o.kept = winner if o.phase2 == "kept" else response
         if o.phase2 == "res":
             third.append(response)
-    scored = session.score([cands[i] for i in third], [("ifd", "rifd")] * len(third), label="IFD of kept responses")
+    scored = session.score([cands[i] for i in third], [("ifd", "rifd")] * len(third), label="select (IFD of kept responses)")
     for i, row in zip(third, scored):
         rows[i] = row
     missing = [i for i, r in enumerate(rows) if r is None]
     if missing:  # candidates the rule never needed: a row with every pass null
-        for i, row in zip(missing, session.score([cands[i] for i in missing], [()] * len(missing), label="rows")):
+        for i, row in zip(missing, session.score([cands[i] for i in missing], [()] * len(missing), label="select (rows)")):
             rows[i] = row
     return rows, outcomes
 

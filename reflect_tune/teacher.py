@@ -3,8 +3,9 @@
 One `TeacherClient.chat(messages)` call is one logical request:
 
 1. The persistent cache (`RequestCache`, SQLite) is checked first. Its key hashes the model, the
-   messages and the generation parameters, never the parsing code, so a parser change re-parses
-   cached replies for free. A cached request costs nothing and does not count against limits.
+   messages and every other field the body sends (`request_params`: the generation parameters in
+   the form the model takes, and `--extra-body`), never the parsing code, so a parser change
+   re-parses cached replies for free. A cached request costs nothing and does not count against limits.
 2. Otherwise the request waits for a concurrency slot (`--concurrency`) and for the rate limiter
    (`--rpm`, `--tpm`), which never lets a configured limit be exceeded.
 3. Transient failures are retried with exponential backoff and full jitter (tenacity), honouring
@@ -28,15 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
+import logging
+import os
 import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from reflect_tune.cache import CacheFull, Reply, RequestCache, disk_full_error, request_key
-from reflect_tune.errors import ReflectTuneError, scrub_secrets
+from reflect_tune.config import SettingError
+from reflect_tune.errors import ReflectTuneError, clip, scrub_secrets
+
+log = logging.getLogger("reflect_tune.teacher")
 
 FATAL_STATUS = {401, 403, 404}  # and a 400 about a setting every request shares (bad_request_scope)
 RETRY_STATUS = {408, 409, 429}
@@ -81,13 +89,99 @@ def rough_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 
 def reply_from_json(data: Any) -> Reply:
-    """A chat.completion object (as JSON) to a `Reply`; tolerant of servers that omit fields."""
+    """A chat.completion object (as JSON) to a `Reply`; tolerant of servers that omit fields.
+
+    `usage.completion_tokens_details.reasoning_tokens` (OpenAI's reasoning models) is kept as
+    `reasoning_tokens`: a part of `completion_tokens`, which OpenAI reports and bills with them in.
+    """
     if not isinstance(data, dict):
         data = {}
     choice = (data.get("choices") or [{}])[0] or {}
     usage = data.get("usage") or {}
+    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     return Reply(text=(choice.get("message") or {}).get("content") or "", finish_reason=choice.get("finish_reason"),
-                 prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0))
+                 prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0),
+                 reasoning_tokens=int(reasoning or 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request sends
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_PARAMS = ("auto", "max_tokens", "max_completion_tokens")
+OPENAI_HOST = "api.openai.com"
+# OpenAI's reasoning models: o1, o3, o3-mini, o4-mini, the gpt-5 family and later (gpt-5.4, gpt-6-...),
+# fine-tuned ones (`ft:o4-mini-...`) too. They refuse `max_tokens` (they take `max_completion_tokens`,
+# which counts the reasoning tokens as well) and any temperature or top_p but the default.
+_REASONING_NAME = re.compile(r"^(?:ft:)?(?:o\d+(?![a-z0-9])|gpt-(?:[5-9]|\d{2,})(?![0-9]))", re.IGNORECASE)
+_SETTING_FLAGS = {"temperature": "--temperature", "top_p": "top_p (a YAML setting)",
+                  "max_tokens": "--max-tokens and --token-param", "max_completion_tokens": "--max-tokens and --token-param"}
+_OURS = {"model": "--model", "messages": "the prompts", "stream": "reflect-tune (it reads whole replies)"}
+
+
+def official_openai(base_url: str | None) -> bool:
+    """The request goes to OpenAI's own API: no base URL (nor OPENAI_BASE_URL, which the SDK reads
+    then), or one whose host is api.openai.com."""
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or ""
+    return not url or (urlparse(url).hostname or "").lower() == OPENAI_HOST
+
+
+def reasoning_model(model: str) -> bool:
+    """An OpenAI reasoning model's name (o1, o3, o4-mini, gpt-5, gpt-5-mini, ...)."""
+    return bool(_REASONING_NAME.match(model.strip()))
+
+
+def request_params(*, model: str, base_url: str | None, max_tokens: int, temperature: float, top_p: float,
+                   token_param: str = "auto", extra_body: dict | None = None) -> dict[str, Any]:
+    """Every field of a chat request besides `model` and `messages`; all of it goes into the cache key.
+
+    Two forms. `max_tokens`: `temperature`, `top_p` and `max_tokens` (what every OpenAI-compatible
+    server takes). `max_completion_tokens`: the cap as `max_completion_tokens`, and no temperature
+    or top_p (OpenAI's reasoning models refuse both `max_tokens` and any sampling setting but the
+    default; a temperature or top_p the user changed is dropped with a warning). `token_param`
+    'auto' takes the second form for an OpenAI reasoning model's name on OpenAI's own API, the
+    first everywhere else; 'max_tokens' / 'max_completion_tokens' choose one (a proxy or Azure
+    serving a reasoning model needs 'max_completion_tokens').
+
+    `extra_body` fields are added as they are (`reasoning_effort`, vLLM's `chat_template_kwargs`,
+    `guided_json`, ...). A field a setting already sends, or that reflect-tune owns, is refused.
+    """
+    if token_param not in TOKEN_PARAMS:
+        raise SettingError("token_param", f"--token-param (token_param): expected one of {', '.join(TOKEN_PARAMS)}, "
+                                          f"got {clip(token_param)}")
+    form = token_param
+    if form == "auto":
+        form = "max_completion_tokens" if official_openai(base_url) and reasoning_model(model) else "max_tokens"
+    if form == "max_tokens":
+        params: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    else:
+        params = {"max_completion_tokens": max_tokens}
+        dropped = tuple(f"{name} {value:g}" for name, value, default in (("temperature", temperature, 0.0), ("top_p", top_p, 1.0))
+                        if value != default)
+        if dropped:
+            _warn_dropped(model, dropped)
+    for key, value in (extra_body or {}).items():
+        if not isinstance(key, str) or not key:
+            raise SettingError("extra_body", f"--extra-body (extra_body): field names are non-empty strings, got {clip(key)}")
+        if key in _OURS:
+            raise SettingError("extra_body", f"--extra-body (extra_body): '{key}' is set by {_OURS[key]}, not here")
+        if key in params or key in ("max_tokens", "max_completion_tokens"):
+            raise SettingError("extra_body", f"--extra-body (extra_body): '{key}' is already sent from {_SETTING_FLAGS[key]}; "
+                                             "set it there")
+        params[key] = value
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise SettingError("extra_body", f"--extra-body (extra_body): not expressible as JSON ({e})") from None
+    return params
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_dropped(model: str, dropped: tuple[str, ...]) -> None:
+    """Once per process for a model and the values dropped."""
+    log.warning("warning: %s not sent: %s takes no sampling settings in the max_completion_tokens form "
+                "(OpenAI's reasoning models refuse them; see --token-param)", " and ".join(dropped), model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +197,7 @@ class RateLimiter:
     never lag more than a quarter interval, so there is no burst after a pause. On top, a log of
     the last 61 seconds' starts makes the limit hard: no 60-second window ever holds more than
     `rpm`, even when network jitter of up to a second bunches the arrivals at the server.
-    Tokens are charged when a request starts (its prompt estimate plus `max_tokens`, as providers
+    Tokens are charged when a request starts (its prompt estimate plus the completion cap, as providers
     reserve them) and a request waits until the last 60 seconds' charges plus its own fit in
     `tpm`. Waiters are served in arrival order.
     """
@@ -183,9 +277,11 @@ class ClientStats:
     failures: Counter = field(default_factory=Counter)  # kind -> count of requests given up
     retry_kinds: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0   # paid (not cached)
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # reasoning tokens included, as OpenAI reports and bills them
+    reasoning_tokens: int = 0   # the part of completion_tokens spent reasoning
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    cached_reasoning_tokens: int = 0
     in_flight: int = 0
     waited_for_others: int = 0  # requests another process was sending: its reply was used, not paid again
 
@@ -296,12 +392,16 @@ class TeacherClient:
     Stopping: the first answer that ends the run (401, 403, 404, a 400 about a shared setting, a
     full disk) sets `stop_error`. From then on no request is sent; requests already on the wire
     finish and their replies are committed (`settle()` waits for them), so nothing paid is lost.
+
+    `local`: an in-process teacher (local_teacher.LocalTeacher) answers instead of a server; the
+    cache, the claims, stopping and the statistics are the same.
     """
 
     def __init__(self, *, model: str, base_url: str | None, api_key: str | None, params: dict[str, Any],
                  cache: RequestCache, concurrency: int = 16, rpm: int | None = None, tpm: int | None = None,
-                 timeout: float = 120.0, max_retries: int = 6, backoff: float = 1.0, collect: bool = False):
-        self.model, self.base_url, self.params = model, base_url, dict(params)
+                 timeout: float = 120.0, max_retries: int = 6, backoff: float = 1.0, collect: bool = False,
+                 local=None):
+        self.model, self.base_url, self.params, self.local = model, base_url, dict(params), local
         self.cache, self.max_retries, self.backoff, self.collect = cache, max_retries, backoff, collect
         self.timeout = timeout
         self._api_key = api_key
@@ -376,7 +476,7 @@ class TeacherClient:
         return len(self.unsaved)
 
     def fatal(self, exc: BaseException, what: str) -> FatalApiError:
-        hint = ""
+        hint, text = "", _describe(exc)
         status = _status(exc)
         if status in (401, 403):
             hint = " (check the key in the environment variable named by --api-key-env, and --base-url)"
@@ -385,11 +485,35 @@ class TeacherClient:
         elif status == 429:
             hint = " (the account is out of quota)"
         elif status == 400:
-            hint = " (the server refuses a setting every request shares; check --model, --max-tokens, --temperature)"
-        error = FatalApiError(scrub(f"teacher {what} failed: {_describe(exc)}{hint}", self._api_key))
+            param = _error_field(exc, "param")
+            if param:  # name it first: the server's own wording may bury it
+                text = f"the server refused the parameter '{param}' ({text})"
+            hint = self._refused_hint(param)
+        error = FatalApiError(scrub(f"teacher {what} failed: {text}{hint}", self._api_key))
         error.status = status
         self.stop(error)
         return error
+
+    def _refused_hint(self, param: str) -> str:
+        """What to change for a 400 about a setting every request shares, naming the parameter the
+        server refused when its error says which (OpenAI's `param`)."""
+        if not param:
+            return (" (the server refuses a setting every request shares; check --model, --max-tokens, --temperature, "
+                    "--token-param, --extra-body)")
+        field = re.split(r"[.\[]", param, maxsplit=1)[0]
+        from_settings = {"max_tokens", "max_completion_tokens"} | ({"temperature", "top_p"} if "max_tokens" in self.params else set())
+        if field in self.params and field not in from_settings:
+            fix = "it comes from --extra-body (extra_body): remove or change it"
+        elif field == "max_tokens":
+            fix = "this model takes max_completion_tokens instead: pass --token-param max_completion_tokens"
+        elif field == "max_completion_tokens":
+            fix = "this server takes max_tokens instead: pass --token-param max_tokens"
+        elif field in ("temperature", "top_p"):
+            fix = ("this model takes no sampling settings: pass --token-param max_completion_tokens, which leaves "
+                   "temperature and top_p out")
+        else:
+            fix = "check --model, --max-tokens, --temperature, --token-param, --extra-body"
+        return f"; {fix}"
 
     async def check_once(self) -> None:
         """Run `check` before the first request that is actually sent (never on a fully cached rerun)."""
@@ -418,17 +542,64 @@ class TeacherClient:
 
     # -- one request ------------------------------------------------------------------------------
 
-    def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        return {"model": self.model, "messages": messages, **self.params}
+    def body(self, messages: list[dict[str, str]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The request body: model, messages, the run's parameters, and this request's `extra` fields."""
+        return {"model": self.model, "messages": messages, **self.params, **(extra or {})}
+
+    def _local_done(self, key: str, reply: Reply) -> Reply:
+        """A reply of the in-process teacher: committed like a paid one, counted, announced."""
+        reply = self._commit(key, reply)
+        self.stats.sent += 1
+        self.stats.succeeded += 1
+        self.stats.prompt_tokens += reply.prompt_tokens
+        self.stats.completion_tokens += reply.completion_tokens
+        if self.on_update is not None:
+            self.on_update()
+        return reply
+
+    async def probe_json(self, schema: dict[str, Any]) -> tuple[bool, str]:
+        """Does the server honour `response_format: json_schema`? One small request, never cached.
+
+        (True, why) when it answers with a JSON object that has the schema's required fields;
+        (False, why) when it refuses the field (HTTP 400/422) or ignores it (free text back).
+        Credentials, a missing model or an unreachable server raise as for any request."""
+        import openai
+
+        self._check_stopped()
+        await self.check_once()
+        messages = [{"role": "user", "content": "Reply with a JSON object whose field \"ok\" is true."}]
+        extra = {"response_format": {"type": "json_schema",
+                                     "json_schema": {"name": "probe", "strict": True, "schema": schema}}}
+        try:
+            response = await self.sdk().post("/chat/completions", cast_to=self._raw_type, body=self.body(messages, extra))
+        except openai.APIStatusError as e:
+            if e.status_code in (400, 422):
+                return False, f"the server refused response_format ({_describe(e)})"
+            if e.status_code in FATAL_STATUS:
+                raise self.fatal(e, "response_format probe") from None
+            return False, f"the probe failed ({_describe(e)})"
+        except openai.APIConnectionError as e:
+            return False, f"the probe failed ({_describe(e)})"
+        reply = reply_from_json(json.loads(response.content))
+        try:
+            data = json.loads(reply.text)
+        except ValueError:
+            return False, "the server ignored response_format (the reply was not JSON)"
+        if not isinstance(data, dict) or any(k not in data for k in schema.get("required", ())):
+            return False, "the server ignored the schema (the reply lacked its fields)"
+        return True, "the server answered the probe with JSON that follows the schema"
 
     def _hit(self, hit: Reply) -> Reply:
         self.stats.cached += 1
         self.stats.cached_prompt_tokens += hit.prompt_tokens
         self.stats.cached_completion_tokens += hit.completion_tokens
+        self.stats.cached_reasoning_tokens += hit.reasoning_tokens
         return hit
 
-    async def chat(self, messages: list[dict[str, str]], est_prompt_tokens: int = 0) -> Reply:
-        key = request_key(self.model, messages, self.params)
+    async def chat(self, messages: list[dict[str, str]], est_prompt_tokens: int = 0,
+                   extra: dict[str, Any] | None = None) -> Reply:
+        """One logical request. `extra`: fields of this request only (its response_format), in its key too."""
+        key = request_key(self.model, messages, {**self.params, **extra} if extra else self.params)
         hit = self.cache.get(key)
         if hit is not None:
             return self._hit(hit)
@@ -436,7 +607,7 @@ class TeacherClient:
             failed = self.cache.failure(key)
             if failed is not None:
                 raise ApiFailed(failed, "batch", 0)
-            self.pending[key] = self.body(messages)
+            self.pending[key] = self.body(messages, extra)
             raise Pending(key)
         await self._claim(key)
         if (hit := self.cache.get(key)) is not None:  # another process answered it while we waited
@@ -445,7 +616,10 @@ class TeacherClient:
         if not est_prompt_tokens:
             est_prompt_tokens = rough_prompt_tokens(messages)
         try:
-            return await self._send(messages, est_prompt_tokens + int(self.params.get("max_tokens") or 0), key)
+            if self.local is not None:  # the in-process teacher: no wire, no limits, no retries
+                return self._local_done(key, await self.local.reply(messages, self.params))
+            cap = self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0
+            return await self._send(messages, est_prompt_tokens + int(cap), key, extra)
         except BaseException:  # not answered: let another process have it (a committed reply ends the claim itself)
             self.cache.release(key)
             raise
@@ -493,7 +667,8 @@ class TeacherClient:
             return asked
         return wait_random_exponential(multiplier=self.backoff, max=60.0)(retry_state)
 
-    async def _send(self, messages: list[dict[str, str]], cost_tokens: int, key: str) -> Reply:
+    async def _send(self, messages: list[dict[str, str]], cost_tokens: int, key: str,
+                    extra: dict[str, Any] | None = None) -> Reply:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
@@ -523,7 +698,7 @@ class TeacherClient:
                             # The SDK's documented raw call: its errors, auth and transport, without
                             # typed-parameter conversion and model parsing (a third of its CPU per request).
                             response = await self.sdk().post("/chat/completions", cast_to=self._raw_type,
-                                                             body=self.body(messages))
+                                                             body=self.body(messages, extra))
                             reply = reply_from_json(json.loads(response.content))
                             reply.retries = retries[0]
                             reply = self._commit(key, reply)  # before anything else can happen to it
@@ -545,6 +720,7 @@ class TeacherClient:
         self.stats.succeeded += 1
         self.stats.prompt_tokens += reply.prompt_tokens
         self.stats.completion_tokens += reply.completion_tokens
+        self.stats.reasoning_tokens += reply.reasoning_tokens
         return reply
 
     def _bad_request(self, exc: BaseException, retries: int):

@@ -69,7 +69,8 @@ from reflect_tune.config import SettingError, TrainConfig
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip
 from reflect_tune.losses import IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, naive_distill_loss
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
-from reflect_tune.records import load_records
+from reflect_tune.progress import Progress
+from reflect_tune.records import TURN_POLICIES, load_records
 from reflect_tune.templates import alpaca_prompt
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ OUTPUT_NAMES = ("checkpoints", "train_log.csv", "eval_before.json", "loss.png", 
 def validate(cfg: TrainConfig) -> None:
     """Every setting, then the output folder; one line naming the first problem, before any work."""
     choices = {"method": METHODS, "template": TEMPLATES, "kd_loss": KD_LOSSES, "kd_impl": ("chunked", "naive"),
-               "mixed_precision": ("auto", "no", "bf16", "fp16")}
+               "mixed_precision": ("auto", "no", "bf16", "fp16"), "turns": TURN_POLICIES}
     checks = [(n, "required", not getattr(cfg, n)) for n in ("data", "output", "model")]
     checks += [(n, f"{clip(getattr(cfg, n))} is not one of {', '.join(c)}", getattr(cfg, n) not in c) for n, c in choices.items()]
     checks += [(n, "must be at least 1", getattr(cfg, n) < 1) for n in ("epochs", "batch_size", "grad_accum", "lora_r", "keep_checkpoints")]
@@ -400,7 +401,9 @@ def load_student(cfg: TrainConfig, device: torch.device):
 def check_resume_config(ckpt: Path, cfg: TrainConfig, saved: dict) -> None:
     """Resuming with other settings would silently train something else: refuse, naming one."""
     now = config_dict(cfg)
-    changed = [k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k]]
+    # a setting added after the checkpoint was written (e.g. `turns`) counts as its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [k for k in now if k not in _RESUME_FREE and saved.get(k, defaults.get(k)) != now[k]]
     if changed:
         k = changed[0]
         raise ReflectTuneError(f"{ckpt}: cannot resume: setting '{k}' was {clip(saved.get(k))}, now {clip(now[k])} "
@@ -541,7 +544,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     Under `accelerate launch` / `torchrun` every process runs this; the main one holds the output's
     lock, writes the log, the checkpoints' shared files and the final folder.
     """
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
     validate(cfg)
@@ -551,7 +553,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with exclusive(lock_beside(out), str(out)) if main_rank else nullcontext(), _writes_checked(out):
         # data: read, tokenized and checked before any weights load
         explain_empty_selection(cfg.data)
-        records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop")
+        records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop",
+                                       turns=cfg.turns)
         for line in report.warnings():
             log.warning("warning: %s", line)
         tok = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
@@ -622,12 +625,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(examples))}))
 
         # the loop
-        progress = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), TaskProgressColumn(),
-                            TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not (main and cfg.progress))
         run_start, run_tokens, last = time.time(), 0, {}
-        with progress:
-            task = progress.add_task("train", total=total_steps, completed=step, loss="-", tps="-")
+        with Progress("train", total_steps, unit="steps", rate_unit="steps", done=step, enabled=main and cfg.progress) as progress:
             for epoch in range(start_epoch, cfg.epochs):
                 mbs = plan[epoch]
                 for g0 in range(start_mb if epoch == start_epoch else 0, len(mbs), group):
@@ -663,7 +662,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                             "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
                     if main:
                         _append_log(log_path, [last])
-                    progress.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+                    progress.update(done=step, note=f"loss {loss:.4f}, {tps:,.0f} tok/s")
                     if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                         nxt = g0 + group
                         position = {"epoch": epoch, "micro_batch": nxt} if nxt < len(mbs) else {"epoch": epoch + 1, "micro_batch": 0}

@@ -1,12 +1,14 @@
-"""The demo, shortened: examples/demo.sh with examples/pipeline.yaml against a real
-`transformers serve` on 127.0.0.1 (the bundled SmolLM2-135M-Instruct as teacher).
+"""The demo, shortened: examples/demo.sh with examples/pipeline.yaml, the bundled
+SmolLM2-135M-Instruct as the in-process teacher (`backend: transformers`) and, cut, as the student.
 
-One sequence, because each start of the server costs seconds on 2 cores:
-1. Ctrl-C (SIGINT to the script's process group) while reflect runs: exit 130, the server is
-   gone, run.json says `interrupted`;
-2. the rerun resumes and finishes: every artifact is checked;
-3. `reflect-tune run` again: every stage is skipped, no file changes, no server needed;
-4. a broken pipeline file: exit 2, and the server it started is stopped again.
+One sequence:
+1. Ctrl-C (SIGINT to the script's process group) while reflect runs: exit 130, run.json says
+   `interrupted`;
+2. the rerun resumes and finishes: every artifact is checked, and at least half of the teacher's
+   variants are `ok` (the layout is written for the teacher);
+3. `reflect-tune run` again: every stage is skipped, no file changes;
+4. a broken pipeline file: exit 2 before any stage runs.
+(The HTTP path against a real `transformers serve` is tests/test_reflect_serve.py.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,24 +29,12 @@ import yaml
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = {"DEMO_LIMIT": "6", "DEMO_MAX_TOKENS": "24"}
+SHORT = {"DEMO_LIMIT": "6", "DEMO_MAX_TOKENS": "64"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def demo_env(runs: Path, port: int, **extra: str) -> dict:
+def demo_env(runs: Path, **extra: str) -> dict:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, **SHORT, "RUNS_DIR": str(runs), "TEACHER_PORT": str(port),
+    return {**os.environ, **SHORT, "RUNS_DIR": str(runs),
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1", **extra}
 
 
@@ -83,9 +72,9 @@ def stage(record: dict, name: str) -> dict:
 
 @pytest.mark.slow
 def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
-    runs, port = tmp_path / "runs", free_port()
+    runs = tmp_path / "runs"
     folder = runs / "demo"
-    env = demo_env(runs, port)
+    env = demo_env(runs)
 
     # 1. Ctrl-C during reflect
     log1 = tmp_path / "demo1.log"
@@ -106,8 +95,6 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     code = finish(proc, 120)
     text = log1.read_text(errors="replace")
     assert code == 130, text[-3000:]
-    assert "stopping the teacher server" in text
-    wait_for(lambda: not port_open(port), 30, log=log1)
     record = json.loads((folder / "run.json").read_text())
     assert stage(record, "student")["status"] == "done"
     assert stage(record, "reflect")["status"] == "interrupted"
@@ -117,7 +104,6 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     code = finish(start_demo(env, log2), 1200)
     text = log2.read_text(errors="replace")
     assert code == 0, text[-4000:]
-    assert not port_open(port)
     assert f"run folder: {folder}" in text
     assert "student: finished earlier, skipped" in text and "reflect: resuming" in text
     record = json.loads((folder / "run.json").read_text())
@@ -128,21 +114,20 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
 
     # 3. a finished config: every stage skipped, nothing rewritten, no teacher needed
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name not in ("run.json", "summary.md")}
-    again = run_cli("run", str(ROOT / "examples" / "pipeline.yaml"), "--runs-dir", str(runs),
-                    env={**SHORT, "TEACHER_MODEL": str(bundled_dir), "TEACHER_URL": f"http://127.0.0.1:{port}/v1"})
+    again = run_cli("run", str(ROOT / "examples" / "pipeline.yaml"), "--runs-dir", str(runs), env=SHORT)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("(skipped: finished earlier)") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    # 4. a failure after the server started still stops it
+    # 4. a broken pipeline file: one line, exit 2, nothing run
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "bad", "data": str(ROOT / "examples" / "alpaca_small.jsonl"),
                                    "select": {"model": "x", "topp": 0.1}}))
     log3 = tmp_path / "demo3.log"
     code = finish(start_demo({**env, "PIPELINE": str(bad)}, log3), 600)
     text = log3.read_text(errors="replace")
-    assert code == 2 and "setting 'topp': unknown" in text and "stopping the teacher server" in text, text[-3000:]
-    wait_for(lambda: not port_open(port), 30, log=log3)
+    assert code == 2 and "setting 'topp': unknown" in text and "Traceback" not in text, text[-3000:]
+    assert not (runs / "bad").exists()
 
 
 def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> None:
@@ -156,9 +141,12 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
     rows = [json.loads(x) for x in (dirs["reflect"] / "reflected.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(set(r["variants"]) == {"ins", "res", "res_ins"} for r in rows)
     assert all(v["status"] in ("ok", "parse_failed", "skipped") for r in rows for v in r["variants"].values())
-    # A 135M teacher rarely keeps to the layout, so parse_failed is allowed, but only as the parser's
-    # verdict on a real reply: one request each (reask: false), a reason that names the request's
-    # tagged marker; an ok variant has its text; res_ins runs exactly when ins is ok.
+    # The in-process teacher has the layout written for it: at least half of the variants are ok
+    # (measured: see docs/BENCHMARKS.md). A parse_failed is the parser's verdict on a real reply:
+    # one request each (reask: false), a reason that names the request's tagged marker (a block cut
+    # at the budget, an echoed placeholder); an ok variant has its text; res_ins runs exactly when ins is ok.
+    statuses = [v["status"] for r in rows for v in r["variants"].values()]
+    assert statuses.count("ok") >= len(statuses) / 2, statuses
     tagged = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END) [0-9a-f]{8}\]\]")
     for r in rows:
         for name, v in r["variants"].items():
@@ -197,6 +185,8 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
         [r["kd_loss"] for r in steps]
     # summary.md: counts per decision, score distributions, loss before/after, teacher usage, plots
     summary = (folder / "summary.md").read_text()
+    ok, total = statuses.count("ok"), len(statuses)
+    assert f"**{ok} of {total} variants ok ({100 * ok / total:.0f}%)**" in summary and "in this process" in summary
     for text in ("## Teacher usage (reflect)", "| requests answered |", "## Selection", "| final | selected |",
                  "| ifd |", "| rifd |", "selected.report/ifd_hist.png", "## Training", "before →",
                  f"{dirs['train'].name}/loss.png", "## Student (make-student)"):

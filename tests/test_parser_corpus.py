@@ -1,4 +1,4 @@
-"""`reflect_tune.reflect.parse_blocks` on a fixed corpus of REAL teacher replies.
+"""`reflect_tune.layout.parse_blocks` on a fixed corpus of REAL teacher replies.
 
 tests/data/teacher_replies/ holds replies of the bundled SmolLM2-135M-Instruct to the project's
 own reflection requests (prompts, tags and messages as `reflect` builds them) for the first 10
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from reflect_tune.reflect import choose_tag, load_prompts, marker, parse_blocks
+from reflect_tune.layout import choose_tag, load_prompts, marker, parse_blocks
 
 CORPUS = Path(__file__).resolve().parent / "data" / "teacher_replies"
 FILES = sorted(CORPUS.glob("*.json"))

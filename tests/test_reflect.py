@@ -18,6 +18,7 @@ from pathlib import Path
 
 from conftest import run_cli, write_jsonl
 from fakes.openai_server import FakeOpenAI
+from reflect_tune.prices import PRICES_DATE
 
 KEY = "sk-leakcheck-9f8e7d6c5b4a3210"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "alpaca_small.jsonl"
@@ -287,7 +288,7 @@ def test_dry_run_counts_requests_tokens_and_cost(tmp_path, bundled_dir):
     run = reflect(str(EXAMPLES), "-o", str(out), "--model", "gpt-4o-mini", "--cache-dir", str(cache), "--dry-run",
                   "--limit", "4", key=None)
     assert run.returncode == 0, run.stderr
-    assert "4 records -> 12 requests" in run.stdout and "built-in table (2025-08, gpt-4o-mini)" in run.stdout
+    assert "4 records -> 12 requests" in run.stdout and f"built-in table ({PRICES_DATE}, gpt-4o-mini)" in run.stdout
     # after a real run, the dry run sees everything cached
     with FakeOpenAI() as srv:
         assert reflect(str(EXAMPLES), *common(srv, out, cache, "--limit", "5")).returncode == 0

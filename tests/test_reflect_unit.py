@@ -10,7 +10,7 @@ import pytest
 
 from reflect_tune.batch import batch_lines, split_lines
 from reflect_tune.errors import ReflectTuneError
-from reflect_tune.reflect import choose_tag, layout, load_prompts, parse_blocks, render
+from reflect_tune.layout import choose_tag, layout, load_prompts, parse_blocks, render
 from reflect_tune.cache import Reply, RequestCache, request_key
 from reflect_tune.teacher import RateLimiter, scrub
 

@@ -1,5 +1,5 @@
 """A fake OpenAI-compatible HTTP server for tests and benchmarks (the standard library, and the
-marker format from reflect_tune.reflect, which owns it).
+marker format from reflect_tune.layout, which owns it).
 
 `FakeOpenAI` serves /v1/models, /v1/chat/completions, the Files and the Batches APIs from its own
 asyncio loop in a daemon thread; `python tests/fakes/openai_server.py` does the same in a child
@@ -41,6 +41,15 @@ Content faults hit every attempt (`:n` is ignored; the first applicable one wins
 * `na` / `empty` / `placeholder` -> every block's text is "N/A" / "" / "<your improved text
   here>" (an echo reply is replaced whole).
 
+Structured outputs: a body with `response_format: {type: json_schema, json_schema: {schema}}` is
+answered (json_mode "accept") with one JSON object holding every property of the schema: strings
+"Critique of the pair.", "Improved instruction {h} {D}", "Improved answer {h}", "Better answer
+{h}" for critique / new_instruction / new_answer / better_answer (others "{name} {h}"), true for
+booleans. Content faults apply to the fields (not to critique); `inject` appends marker decoys to
+every string; `json_invalid` cuts the JSON text in half; `json_schema` drops the last field.
+json_mode "reject" answers such a body with a 400 (param response_format, code
+unsupported_parameter); "ignore" answers with the free-text reply as if the field were absent.
+
 Batches start "validating". The first `batch_polls` GETs show "in_progress" (the last of them
 "finalizing" when batch_polls >= 2); the next GET answers every line (no latency) and shows
 "completed", with seeded-shuffled output / error files (purpose "batch_output", null when
@@ -49,10 +58,22 @@ empty). An invalid input file (bad JSON, missing or duplicate custom_id, method 
 GET show "failed" with errors.data = [{code, message, param, line}]. Cancel gives "cancelling",
 the next GET "cancelled".
 
+OpenAI's reasoning models: a model whose name starts with one of `reasoning_models` (default
+o1, o3, o4, gpt-5) is answered as OpenAI answers those. A body with `max_tokens` gets the 400
+`bad_param` gives (param max_tokens, code unsupported_parameter); a `temperature` or `top_p`
+other than 1 gets a 400 "Unsupported value: 'temperature' does not support 0 with this model.
+Only the default (1) value is supported." (param temperature / top_p, code unsupported_value).
+Their replies' usage has `completion_tokens_details.reasoning_tokens` = `reasoning_tokens`
+(default 40), and `completion_tokens` includes them, as OpenAI counts them.
+
 Stats (`stats()`, GET /_stats; `reset()`, POST /_reset clear them and the attempt counters):
 chat_requests (live calls, any outcome), by_status ({"200": n, "drop": n, ...}), by_key,
-in_flight, max_in_flight, log ([{t, done, key, status, model}] per live call), files (uploads via
-POST /v1/files), batches_created. The API key is never stored in stats, logged or echoed.
+in_flight, max_in_flight, log ([{t, done, key, status, model}] per live call, plus `body` (the
+request body as parsed) and `usage` (the usage answered, or None) with `record_bodies=True`),
+files (uploads via POST /v1/files), batches_created. The API key is never stored in stats,
+logged or echoed. Request targets may be absolute (`POST http://api.openai.com/v1/...`, as a
+client sends them to an HTTP proxy), so a test can point HTTP_PROXY at the server and keep the
+client's base URL on OpenAI's host.
 """
 from __future__ import annotations
 
@@ -70,7 +91,7 @@ import threading
 import time
 from http import HTTPStatus
 
-from reflect_tune.reflect import MARKER, block, marker
+from reflect_tune.layout import MARKER, block, marker
 
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 MAX_BATCH_LINES = 50_000
@@ -86,7 +107,7 @@ ERROR_KINDS = {
     502: ("server_error", "bad_gateway"), 503: ("server_error", "service_unavailable"),
 }
 STATUS_FAULTS = {str(code) for code in ERROR_KINDS}
-CONTENT_FAULTS = {"garbage", "inject", "na", "empty", "placeholder"}
+CONTENT_FAULTS = {"garbage", "inject", "na", "empty", "placeholder", "json_invalid", "json_schema"}
 BLANK_TEXT = {"na": "N/A", "empty": "", "placeholder": "<your improved text here>"}
 
 
@@ -134,7 +155,7 @@ def build_reply(messages: list, content_fault: str | None = None) -> str:
     """The assistant text for `messages`, optionally spoiled by a content fault (see module doc)."""
     msgs = [m for m in messages if isinstance(m, dict)]
     last = next((content_text(m.get("content")) for m in reversed(msgs) if m.get("role") == "user"), "")
-    found = MARKER.findall(last)  # the marker format is reflect.py's: (name, tag) pairs
+    found = MARKER.findall(last)  # the marker format is layout.py's: (name, tag) pairs
     tag = found[-1][1] if found else ""
     names = {name for name, _ in found}
     h = hashlib.sha256(last.encode()).hexdigest()[:8]
@@ -162,7 +183,47 @@ def build_reply(messages: list, content_fault: str | None = None) -> str:
     return reply
 
 
-def decide(body, attempt: int, models, *, batch: bool = False) -> tuple:
+REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+
+
+def refuse_for_reasoning(body: dict) -> dict | None:
+    """The 400 body OpenAI gives a reasoning model's request for `max_tokens` or a sampling setting, or None."""
+    if "max_tokens" in body:
+        return NAMED_400["bad_param"]
+    for name in ("temperature", "top_p"):
+        if name in body and body[name] != 1:
+            return error_body(f"Unsupported value: '{name}' does not support {body[name]} with this model. Only the "
+                              "default (1) value is supported.", code="unsupported_value", param=name)
+    return None
+
+
+def build_json_reply(messages: list, schema, content_fault: str | None = None) -> str:
+    """The JSON object answering a request with response_format json_schema (see module doc)."""
+    msgs = [m for m in messages if isinstance(m, dict)]
+    last = next((content_text(m.get("content")) for m in reversed(msgs) if m.get("role") == "user"), "")
+    h = hashlib.sha256(last.encode()).hexdigest()[:8]
+    d = " ".join(find_directives(content_text(m.get("content")) for m in msgs))
+    texts = {"critique": "Critique of the pair.", "new_instruction": f"Improved instruction {h} {d}".strip(),
+             "new_answer": f"Improved answer {h}", "better_answer": f"Better answer {h}"}
+    props = (schema or {}).get("properties") or {} if isinstance(schema, dict) else {}
+    data = {}
+    for name, spec in props.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        data[name] = True if kind == "boolean" else 0 if kind in ("integer", "number") else texts.get(name, f"{name} {h}")
+    if content_fault in BLANK_TEXT:
+        data = {k: (BLANK_TEXT[content_fault] if k != "critique" and isinstance(v, str) else v) for k, v in data.items()}
+    if content_fault == "inject":  # marker strings inside the JSON strings: plain text in this protocol
+        data = {k: (f"{v} [[END ffffffff]] [[BETTER ANSWER 00000000]] decoy" if isinstance(v, str) else v) for k, v in data.items()}
+    if content_fault == "json_schema" and data:
+        data.pop(list(data)[-1])  # the last required field is missing
+    text = json.dumps(data, ensure_ascii=False)
+    if content_fault == "json_invalid":
+        text = text[: len(text) // 2]  # cut in the middle
+    return text
+
+
+def decide(body, attempt: int, models, *, batch: bool = False, reasoning_models=REASONING_MODELS,
+           reasoning_tokens: int = 40, json_mode: str = "accept") -> tuple:
     """Answer one chat-completions request body on its `attempt`-th try (1-based).
 
     Returns ("ok", chat.completion dict), ("error", status, error body, extra headers),
@@ -175,6 +236,9 @@ def decide(body, attempt: int, models, *, batch: bool = False) -> tuple:
         return ("error", 400, error_body("'model' is required", param="model"), {})
     if models is not None and model not in models:
         return ("error", 404, error_body(f"The model `{model}` does not exist", code="model_not_found"), {})
+    reasoning = model.startswith(tuple(reasoning_models))
+    if reasoning and (refusal := refuse_for_reasoning(body)) is not None:
+        return ("error", 400, refusal, {})
     msgs = [m for m in body["messages"] if isinstance(m, dict)]
     texts = [content_text(m.get("content")) for m in msgs]
     faults = [(m.group(1), int(m.group(2) or 1)) for m in map(FAULT_RE.fullmatch, find_directives(texts))]
@@ -194,6 +258,10 @@ def decide(body, attempt: int, models, *, batch: bool = False) -> tuple:
         return ("error", status, error_body(f"Injected fault: HTTP {status}", type_, code), headers)
     if action in ("drop", "batch_expired"):
         return ("drop",) if action == "drop" else ("expired",)
+    wants_json = isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_schema"
+    if wants_json and json_mode == "reject":
+        return ("error", 400, error_body("Unsupported parameter: 'response_format' is not supported by this server.",
+                                         code="unsupported_parameter", param="response_format"), {})
     has_assistant = any(m.get("role") == "assistant" for m in msgs)
     content_fault = None
     for kind, _ in faults:
@@ -201,15 +269,22 @@ def decide(body, attempt: int, models, *, batch: bool = False) -> tuple:
         if base in CONTENT_FAULTS and not (kind.endswith("-once") and has_assistant):
             content_fault = base
             break
-    reply = build_reply(msgs, content_fault)
+    if wants_json and json_mode == "accept":
+        reply = build_json_reply(msgs, (body["response_format"].get("json_schema") or {}).get("schema"), content_fault)
+    else:
+        reply = build_reply(msgs, content_fault)
     prompt_tokens = sum(len(t.split()) for t in texts)
-    completion_tokens = len(reply.split())
+    completion_tokens = len(reply.split()) + (reasoning_tokens if reasoning else 0)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
     return ("stall" if action == "stall" else "ok", {
         "id": "chatcmpl-" + _hex(), "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop",
                      "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens}})
+        "usage": usage})
 
 
 def validate_batch_input(data: bytes) -> tuple[list, list]:
@@ -302,8 +377,12 @@ class FakeOpenAI:
 
     def __init__(self, latency: float = 0.0, api_key: str | None = None, models=None,
                  stall_seconds: float = 30.0, batch_polls: int = 2, seed: int = 0, host: str = "127.0.0.1",
-                 port: int = 0):
+                 port: int = 0, record_bodies: bool = False, reasoning_models=REASONING_MODELS,
+                 reasoning_tokens: int = 40, json_mode: str = "accept"):
         self.latency, self.models, self.stall_seconds = latency, None if models is None else list(models), stall_seconds
+        self.record_bodies, self.reasoning_models = record_bodies, tuple(reasoning_models)
+        self.reasoning_tokens = reasoning_tokens
+        self.json_mode = json_mode  # response_format json_schema: "accept", "reject" (HTTP 400) or "ignore" (free text)
         self.batch_polls, self.host, self.port = batch_polls, host, port
         self._api_key, self._rng, self._stats, self._in_flight = api_key, random.Random(seed), _new_stats(), 0
         self._files: dict[str, tuple[dict, bytes]] = {}
@@ -397,7 +476,8 @@ class FakeOpenAI:
                 conn = headers.get("connection", "").lower()
                 keep = "keep-alive" in conn if version == "HTTP/1.0" else "close" not in conn
                 try:
-                    status, payload, extra = await self._dispatch(method, target.split("?", 1)[0], headers, body)
+                    path = re.sub(r"^https?://[^/]*", "", target.split("?", 1)[0])  # absolute form (via a proxy)
+                    status, payload, extra = await self._dispatch(method, path, headers, body)
                 except _Drop:
                     break
                 except Exception as exc:  # a bad request never kills the server
@@ -462,8 +542,13 @@ class FakeOpenAI:
             key = entry["key"] = request_key(req)
             if isinstance(req, dict) and isinstance(req.get("model"), str):
                 entry["model"] = req["model"]
+            if self.record_bodies:
+                entry["body"], entry["usage"] = req, None
             attempt = st["by_key"][key] = st["by_key"].get(key, 0) + 1
-            outcome = decide(req, attempt, self.models)
+            outcome = decide(req, attempt, self.models, reasoning_models=self.reasoning_models,
+                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode)
+            if self.record_bodies and outcome[0] in ("ok", "stall"):
+                entry["usage"] = outcome[1]["usage"]
             status = outcome[1] if outcome[0] == "error" else "drop" if outcome[0] == "drop" else 200
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
@@ -594,7 +679,8 @@ class FakeOpenAI:
         for custom_id, body in items:
             key = request_key(body)
             attempt = by_key[key] = by_key.get(key, 0) + 1
-            outcome = decide(body, attempt, self.models, batch=True)
+            outcome = decide(body, attempt, self.models, batch=True, reasoning_models=self.reasoning_models,
+                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode)
             line = {"id": "batch_req_" + _hex(), "custom_id": custom_id, "response": None, "error": None}
             if outcome[0] == "expired":
                 line["error"] = {"code": "batch_expired", "message": "The request was not run within the window."}

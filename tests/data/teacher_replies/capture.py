@@ -58,7 +58,7 @@ def main(modes: list[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reflect_tune.models import resolve_model
-    from reflect_tune.reflect import choose_tag, load_prompts, marker, parse_blocks, render
+    from reflect_tune.layout import choose_tag, load_prompts, marker, parse_blocks, render
 
     path = resolve_model(MODEL).path
     tok = AutoTokenizer.from_pretrained(path)
