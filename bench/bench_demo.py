@@ -3,7 +3,7 @@
 It clones this repository into a temporary folder, then runs `make demo` there with an empty model
 cache (so the bundled GGUF is converted again), and times:
   install  the Makefile's venv step (pip may serve wheels from its own cache, as on a CI runner)
-  demo     examples/demo.sh: conversion, server start, the four stages, server stop
+  demo     examples/demo.sh: conversion, then the four stages (the teacher in-process)
 and, from the run folder's run.json, each stage's wall time. Writes a section into
 docs/BENCHMARKS.md (replacing an earlier one) unless --no-write.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import subprocess
 import sys
@@ -60,12 +61,13 @@ def main() -> None:
              "is left as it is, as on a CI runner that caches pip).", "",
              "| phase | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {wall:.0f} |" if wall is not None else f"| {name} | – |" for name, wall in rows]
+    ok = re.search(r"\*\*(\d+) of (\d+) variants ok \((\d+)%\)\*\*", summary)
+    selected = re.search(r"\*\*(\d+) selected\*\*", summary)
     lines += [f"| **total** | **{total:.0f}** ({total / BUDGET_S:.2f} of the 10-minute budget) |", "",
-              "The demo's stages (demo.sh also converts the model and starts and stops the server) "
-              "ran against `transformers serve --continuous-batching` with the bundled 135M teacher; "
-              "its decoding (about 20 completion tokens/s over 16 streams on these 2 cores) is the "
-              "largest part. Its `summary.md` reported "
-              + ("8 selected pairs." if "**8 selected**" in summary else "the counts in the run folder.")]
+              "The teacher ran in-process (`backend: transformers`, the bundled 135M model, batched on the CPU). "
+              "From the run's `summary.md`: "
+              + (f"{ok.group(1)} of {ok.group(2)} teacher variants ok ({ok.group(3)}%)" if ok else "no variant count")
+              + (f", {selected.group(1)} pairs selected." if selected else ".")]
     text = "\n".join(lines) + "\n"
     print(text)
     if total > BUDGET_S:

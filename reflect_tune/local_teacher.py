@@ -110,11 +110,10 @@ class LocalTeacher:
         self.critique_tokens = critique_tokens
         self.sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         self._criteria: dict[tuple[str, ...], Any] = {}  # stop strings -> StoppingCriteriaList (costly to build)
-        # tokens a block may not start with: blank ones (an empty block) and brackets (how a small model
-        # starts echoing the layout's filler, "(the better answer)" or "[the new answer]")
-        self.no_start = [i for tok_text, i in self.tokenizer.get_vocab().items()
-                         if (t := self.tokenizer.convert_tokens_to_string([tok_text])).strip()[:1] in ("(", "[", "<", "")
-                         and i not in self.tokenizer.all_special_ids]
+        # tokens a block may not start with: blank ones and the end of turn (an empty block), and
+        # brackets (how a small model starts echoing the layout's filler, "(the better answer)")
+        self.no_start = [i for piece, i in self.tokenizer.get_vocab().items()
+                         if self.tokenizer.convert_tokens_to_string([piece]).strip()[:1] in ("(", "[", "<", "")]
         self.generated_tokens = 0
         self.batches = 0
         self._queue: list[tuple[str, int, list[str], asyncio.Future]] = []

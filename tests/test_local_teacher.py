@@ -90,3 +90,15 @@ def test_bundled_teacher_in_process_gives_ok_variants_and_resumes_from_the_cache
     assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["summary"]
     assert again["requests_sent"] == 0 and again["requests_cached"] == summary["requests_sent"]
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("It is fine. It is complete and accurate. It is complete and accurate. It is", ("It is fine. It is complete and accurate.", True)),
+    ("[the new answer]\n[the new answer]\n[the new", ("[the new answer]", True)),
+    ("Yes. Yes. Yes. No loop of three words here", ("Yes. Yes. Yes. No loop of three words here", False)),
+    ("One sentence, then another one. Both differ.", ("One sentence, then another one. Both differ.", False)),
+])
+def test_cut_loop_ends_a_block_before_its_first_repeated_sentence(text, expect):
+    from reflect_tune.local_teacher import cut_loop
+
+    assert cut_loop(text) == expect

@@ -175,3 +175,21 @@ def test_json_needs_the_layout_as_the_last_paragraph_of_a_custom_prompt(tmp_path
     with pytest.raises(Exception, match=r"response.txt: with --response-format json the last paragraph must give the layout"):
         check_json_ready(prompts)
     check_json_ready(load_prompts())
+
+
+def test_the_schema_sent_is_part_of_the_cache_key(tmp_path):
+    """The same prompt text with another schema (here only additionalProperties differs, which the
+    prompt does not show) is another request: not served from the first one's cache entry."""
+    data, out, cache = write_jsonl(tmp_path / "d.jsonl", ROWS[:1]), tmp_path / "out.jsonl", tmp_path / "cache"
+    builtin = Path(load_prompts().sources["response.schema"])
+    loose = json.loads(builtin.read_text())
+    loose["additionalProperties"] = True
+    custom = tmp_path / "prompts"
+    custom.mkdir()
+    (custom / "response.schema.json").write_text(json.dumps(loose))
+    with FakeOpenAI(api_key=KEY) as srv:
+        assert reflect(data, out, srv, cache, "--response-format", "json", "--stages", "response").returncode == 0
+        assert srv.stats()["chat_requests"] == 1
+        r = reflect(data, out, srv, cache, "--response-format", "json", "--stages", "response", "--prompts", str(custom))
+        assert r.returncode == 0, r.stderr
+        assert srv.stats()["chat_requests"] == 2
