@@ -10,7 +10,7 @@ does not. Run in this process, it does not have to: the reply is built around it
 3. For each block the request asks for (read from the tagged markers in its last user message,
    in order), the start marker is written into the assistant turn and the model continues from
    it. Generation stops at the end marker (a stop string), at the model's end of turn, or at the
-   token budget; the end marker is then written for it. A block cut by the budget gets no end
+   token budget (`max_tokens`, per block); the end marker is then written for it. A block cut by the budget gets no end
    marker, so the parser reports it as cut ("hit --max-tokens"), as for a server reply, unless it
    ran into a loop (a sentence repeated word for word, as greedy decoding of a small model does):
    then it ends before the first repeat (`cut_loop`). A block
@@ -51,6 +51,7 @@ class Piece:
     text: str
     tokens: int
     stopped: str  # "stop" (a stop string or the end of turn) or "length" (the budget ran out)
+    prompt_tokens: int = 0
 
 
 def layout_of(messages: list[dict[str, str]]) -> tuple[tuple[str, ...], str]:
@@ -90,6 +91,18 @@ def cut_loop(text: str) -> tuple[str, bool]:
     return text, False
 
 
+def _Abort(event: threading.Event):
+    """A stopping criterion that ends every sequence of a generate call once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Abort(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Abort()
+
+
 class LocalTeacher:
     """A causal LM loaded in this process, answering reflect's requests in batches."""
 
@@ -106,6 +119,9 @@ class LocalTeacher:
                                    "needs an instruct (chat) model")
         self.model = load_model(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.device = self.model.device
+        import torch
+
+        self.threads = torch.get_num_threads()
         self.batch_size = batch_size or (GPU_BATCH if self.device.type == "cuda" else CPU_BATCH)
         self.critique_tokens = critique_tokens
         self.sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
@@ -120,6 +136,7 @@ class LocalTeacher:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._lock = threading.Lock()  # generate is not re-entrant
+        self.abort = threading.Event()  # set when the run stops: the generate call in flight ends at its next token
 
     # -- one request ------------------------------------------------------------------------------
 
@@ -128,25 +145,24 @@ class LocalTeacher:
         from reflect_tune.layout import marker
 
         names, tag = layout_of(messages)
-        budget = int(params.get("max_tokens") or params.get("max_completion_tokens") or 512)
+        budget = int(params.get("max_tokens") or params.get("max_completion_tokens") or 512)  # per block
+        # the tokenizer itself is used by the generate thread only: a fast tokenizer is not thread-safe
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        text, used, finish = "", 0, "stop"
+        text, used, finish, prompt_tokens = "", 0, "stop", None
         if self.critique_tokens:
-            piece = await self.generate(prompt, min(self.critique_tokens, budget), ["[["])
-            text, used = piece.text.split("[[")[0].rstrip(), piece.tokens
+            piece = await self.generate(prompt, self.critique_tokens, ["[["])
+            text, used, prompt_tokens = piece.text.split("[[")[0].rstrip(), piece.tokens, piece.prompt_tokens
         for i, name in enumerate(names):
             text += ("\n" if text else "") + marker(name, tag) + "\n"
-            left = budget - used
-            if left <= 0:
-                finish = "length"
-                break
+            left = budget  # each block has the whole budget (the critique has its own)
             # "[[END", not the tagged marker: one stop set for every request, so they batch together.
             # A block with another after it (the new instruction) also ends at its first blank line:
             # a small model otherwise runs on into the answer.
             stops = ["[[END"] if i == len(names) - 1 else ["[[END", "\n\n"]
             piece = await self.generate(prompt + text, left, stops)
             used += piece.tokens
+            if prompt_tokens is None:  # what the teacher read first: the prompt and the marker written for it
+                prompt_tokens = piece.prompt_tokens
             body = piece.text.split("[[END")[0]
             body = (body if i == len(names) - 1 else body.strip().split("\n\n")[0]).strip()
             if piece.stopped == "length":
@@ -158,7 +174,7 @@ class LocalTeacher:
                 finish = "length"
                 break
             text += "\n" + marker("END", tag)
-        return Reply(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=used)
+        return Reply(text=text, finish_reason=finish, prompt_tokens=prompt_tokens or 0, completion_tokens=used)
 
     # -- batching ---------------------------------------------------------------------------------
 
@@ -190,10 +206,13 @@ class LocalTeacher:
                 try:
                     pieces = await asyncio.to_thread(self._run_batch, [q[0] for q in live],
                                                      max(q[1] for q in live), stops, [q[1] for q in live])
-                except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                except asyncio.CancelledError:  # the run is stopping (Ctrl-C, a fatal error): end generate early
+                    self.abort.set()
+                    raise
+                except Exception as e:  # handed to every waiter
                     for q in live:
                         if not q[3].done():
-                            q[3].set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+                            q[3].set_exception(e)
                     continue
                 for q, piece in zip(live, pieces):
                     if not q[3].done():
@@ -223,6 +242,7 @@ class LocalTeacher:
         import torch
 
         tok = self.tokenizer
+        torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: this one is not main
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         # the end of the assistant's turn: the model's own end ids (a list for chat models) and the tokenizer's
         ends = self.model.generation_config.eos_token_id
@@ -232,7 +252,8 @@ class LocalTeacher:
         if key not in self._criteria:
             from transformers import StoppingCriteriaList, StopStringCriteria
 
-            self._criteria[key] = StoppingCriteriaList([StopStringCriteria(tokenizer=tok, stop_strings=list(stops))])
+            self._criteria[key] = StoppingCriteriaList([StopStringCriteria(tokenizer=tok, stop_strings=list(stops)),
+                                                        _Abort(self.abort)])
         with self._lock, torch.inference_mode():
             generated = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, stopping_criteria=self._criteria[key],
@@ -242,7 +263,8 @@ class LocalTeacher:
         self.batches += 1
         width = enc["input_ids"].shape[1]
         pieces = []
-        for row, budget in zip(generated[:, width:].tolist(), budgets):
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        for row, budget, length in zip(generated[:, width:].tolist(), budgets, lengths):
             ids, stopped = [], "length"
             for t in row[:budget]:
                 if t in eos:
@@ -255,5 +277,5 @@ class LocalTeacher:
             if stopped == "length" and len(ids) < budget:  # padding after a stop string: it stopped early
                 stopped = "stop"
             self.generated_tokens += len(ids)
-            pieces.append(Piece(text=text, tokens=len(ids), stopped=stopped))
+            pieces.append(Piece(text=text, tokens=len(ids), stopped=stopped, prompt_tokens=int(length)))
         return pieces
