@@ -24,3 +24,13 @@ print("torch", torch.__version__, "transformers", transformers.__version__, torc
 PY
 # the package itself, from this tree (no network needed)
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/gpu_score.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_score.log"
+
+# The in-process teacher on the GPU (issue 13): the bundled 135M model reflects the 32 example pairs
+# with --batch-size 64 (halved on out-of-memory); the summary's wall time and ok variants land in $OUT.
+if PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import gguf" 2>/dev/null; then
+    rm -rf "$OUT/local-teacher" && mkdir -p "$OUT/local-teacher"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m reflect_tune.cli reflect examples/alpaca_small.jsonl \
+        -o "$OUT/local-teacher/reflected.jsonl" --model bundled:smollm2-135m-instruct --backend transformers \
+        --device cuda --max-tokens 128 --concurrency 64 --no-reask --cache-dir "$OUT/local-teacher/cache" \
+        --no-progress 2>&1 | tee "$OUT/local-teacher.log"
+fi
