@@ -112,7 +112,10 @@ def main() -> None:
     lines += ["", "The in-process teacher writes the layout's markers into the assistant turn, so the 135M model's "
               "replies parse; through the server the same model rarely keeps to the markers, and its replies are "
               "`parse_failed`. A failed instruction reflection also skips its `res_ins` request, so the server run "
-              "sends fewer requests and generates fewer tokens: compare tokens as well as time."]
+              "sends fewer requests and generates fewer tokens: compare tokens as well as time. Prefill of the "
+              "~400-token prompts dominates on 2 cores; each in-process block re-reads its prompt. Wall times on "
+              "a shared 2-core VM vary by up to a quarter between runs (a second in-process run of this command "
+              "took 155 s): compare the two rows of one run."]
     text = "\n".join(lines)
     print(text)
     if not ARGS.no_write:
