@@ -194,14 +194,6 @@ class ReflectConfig:
     device: str = "auto"  # transformers backend
     dtype: str = "auto"  # transformers backend
 
-    def params(self) -> dict[str, Any]:
-        """Everything a request sends besides the model and the messages: part of every request
-        and of its cache key. `teacher.request_params` decides the form (see there)."""
-        from reflect_tune.teacher import request_params
-
-        return request_params(model=self.model, base_url=self.base_url, max_tokens=self.max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, token_param=self.token_param,
-                              extra_body=self.extra_body)
 
 
 @dataclass(kw_only=True)

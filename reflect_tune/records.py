@@ -212,6 +212,27 @@ def _message_text(content: Any, where: str, label: str) -> str:
     return _string({"content": content}, "content", where, label=label)
 
 
+def _turn_list(row: dict, key: str, where: str) -> list:
+    turns = row[key]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
+    return turns
+
+
+def _turn_role(turn: Any, j: int, key: str, who: str, what: str, roles: dict[str, str], where: str) -> tuple[str, str]:
+    """(label, role) of turn j, checked: an object with a known speaker and a content field."""
+    label = f"{key}[{j}]"
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
+    speaker = _string(turn, who, where, label=f"{label}.{who}")
+    role = roles.get(speaker.lower())
+    if role is None:
+        raise DataError(f"{where}: field '{label}.{who}': unknown speaker {clip(speaker)}")
+    if what not in turn:
+        raise DataError(f"{where}: field '{label}.{what}': missing")
+    return label, role
+
+
 def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
                 where: str) -> tuple[str, str, str, list[dict[str, Any]] | None, int]:
     """(system, user, assistant, turns, unused) from the first user turn answered by an assistant turn.
@@ -222,22 +243,12 @@ def _first_pair(row: dict, key: str, who: str, what: str, roles: dict[str, str],
     system turns (a later exchange, a greeting, tool calls); else None. Later turns are kept as
     they are, unchecked. `unused` counts the turns outside the pair and its system turns.
     """
-    turns = row[key]
-    if not isinstance(turns, list):
-        raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
+    turns = _turn_list(row, key, where)
     system_parts: list[str] = []
     used: list[int] = []
     user: tuple[int, str] | None = None
     for j, turn in enumerate(turns):
-        label = f"{key}[{j}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
-        speaker = _string(turn, who, where, label=f"{label}.{who}")
-        role = roles.get(speaker.lower())
-        if role is None:
-            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {clip(speaker)}")
-        if what not in turn:
-            raise DataError(f"{where}: field '{label}.{what}': missing")
+        label, role = _turn_role(turn, j, key, who, what, roles, where)
         if role == "assistant" and turn[what] is None:
             user = None
             continue
@@ -281,9 +292,7 @@ def _all_pairs(row: dict, key: str, who: str, what: str, roles: dict[str, str],
     calls with null content before the last pair, and every turn after it); `multi` says the
     conversation holds more than its first pair and the system turns before it.
     """
-    turns = row[key]
-    if not isinstance(turns, list):
-        raise DataError(f"{where}: field '{key}': expected a list of turns, got {_kind(turns)}")
+    turns = _turn_list(row, key, where)
     system_parts: list[str] = []
     context: list[tuple[str, str]] = []
     pairs: list[_Pair] = []
@@ -291,15 +300,7 @@ def _all_pairs(row: dict, key: str, who: str, what: str, roles: dict[str, str],
     user: str | None = None
     first_used = 0
     for j, turn in enumerate(turns):
-        label = f"{key}[{j}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: field '{label}': expected an object with '{who}' and '{what}'")
-        speaker = _string(turn, who, where, label=f"{label}.{who}")
-        role = roles.get(speaker.lower())
-        if role is None:
-            raise DataError(f"{where}: field '{label}.{who}': unknown speaker {clip(speaker)}")
-        if what not in turn:
-            raise DataError(f"{where}: field '{label}.{what}': missing")
+        label, role = _turn_role(turn, j, key, who, what, roles, where)
         if role == "assistant" and turn[what] is None:
             calls.append(j)
             text = None

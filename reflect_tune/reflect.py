@@ -42,6 +42,7 @@ from reflect_tune.layout import (
 )
 from reflect_tune.prices import PRICES, PRICES_DATE, table_row
 from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
+from reflect_tune.teacher import request_params as teacher_params
 
 log = logging.getLogger("reflect_tune.reflect")
 
@@ -302,12 +303,15 @@ def run(config: ReflectConfig) -> ReflectResult:
 
 
 def request_params(config: ReflectConfig) -> dict[str, Any]:
-    """What every request carries besides its messages (and so its cache key). The in-process teacher's
-    keys say so, so a server that happens to use the same model name never shares its replies."""
+    """What every request carries besides its messages (and so its cache key): for a server,
+    `teacher.request_params` decides the form. The in-process teacher's keys say so, so a server
+    that happens to use the same model name never shares its replies."""
     if config.backend == "transformers":
         return {"backend": "transformers", "temperature": config.temperature, "top_p": config.top_p,
                 "max_tokens": config.max_tokens, "critique_tokens": config.critique_tokens}
-    return config.params()
+    return teacher_params(model=config.model, base_url=config.base_url, max_tokens=config.max_tokens,
+                          temperature=config.temperature, top_p=config.top_p, token_param=config.token_param,
+                          extra_body=config.extra_body)
 
 
 def _local_teacher(config: ReflectConfig):

@@ -24,6 +24,7 @@ from fakes.openai_server import FakeOpenAI
 from reflect_tune.cache import RequestCache, request_key
 from reflect_tune.config import ReflectConfig, SettingError, check_values
 from reflect_tune.prices import PRICES, PRICES_DATE, table_row
+from reflect_tune.reflect import request_params as params_of
 from reflect_tune.teacher import request_params
 
 KEY = "sk-openai-models-5e4d3c2b1a"
@@ -177,15 +178,15 @@ def test_extra_body_mistakes_are_one_line_naming_the_flag(tmp_path, text, says):
 
 def test_extra_body_and_token_param_as_settings():
     config = ReflectConfig(input="i", output="o.jsonl", model="m", extra_body={"guided_json": {"type": "object"}})
-    assert config.params() == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "guided_json": {"type": "object"}}
-    assert ReflectConfig(input="i", output="o.jsonl", model="m").params() == {"temperature": 0.0, "top_p": 1.0,
+    assert params_of(config) == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "guided_json": {"type": "object"}}
+    assert params_of(ReflectConfig(input="i", output="o.jsonl", model="m")) == {"temperature": 0.0, "top_p": 1.0,
                                                                               "max_tokens": 2048}  # old cache keys hold
     with pytest.raises(SettingError, match="setting 'extra_body': expected a dict"):
         check_values(ReflectConfig, {"extra_body": "reasoning_effort=low"})
     with pytest.raises(SettingError, match="--token-param .*expected one of auto, max_tokens, max_completion_tokens"):
-        ReflectConfig(input="i", output="o.jsonl", model="m", token_param="max_output_tokens").params()
+        params_of(ReflectConfig(input="i", output="o.jsonl", model="m", token_param="max_output_tokens"))
     with pytest.raises(SettingError, match="not expressible as JSON"):
-        ReflectConfig(input="i", output="o.jsonl", model="m", extra_body={"when": {1, 2}}).params()
+        params_of(ReflectConfig(input="i", output="o.jsonl", model="m", extra_body={"when": {1, 2}}))
 
 
 # ----------------------------------------------------------------------------- reasoning tokens and cost
