@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from reflect_tune import __version__
-from reflect_tune.errors import ReflectTuneError, clip, one_line
+from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, user_errors, warn
+from reflect_tune.cli_eval import eval_command
+from reflect_tune.cli_judge import judge_command
+from reflect_tune.errors import ReflectTuneError, clip
 
 app = typer.Typer(
     name="reflect-tune",
@@ -59,41 +61,6 @@ class OutFormat(str, Enum):
     messages = "messages"
 
 
-class TurnsPolicy(str, Enum):
-    first = "first"
-    last = "last"
-    each = "each"
-
-
-_NO_PROGRESS_HELP = ("No progress: neither the bar (on a terminal) nor the plain lines printed every "
-                     "REFLECT_TUNE_PROGRESS_INTERVAL seconds (default 30) elsewhere.")
-_TURNS_HELP = ("Multi-turn conversations: first (the first exchange; the other turns are counted and dropped), "
-               "last (the last exchange, earlier turns as context in the instruction), each (one pair per exchange).")
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user's mistake, or a failed write (disk full, read-only folder), into one line on
-    stderr and a non-zero exit; no traceback. Secrets are scrubbed from the line."""
-    import sqlite3
-
-    try:
-        yield
-    except ReflectTuneError as e:
-        typer.echo(f"error: {one_line(str(e))}", err=True)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
-    except OSError as e:  # the system refused: no space, read-only, permission, I/O
-        where = e.filename or "a file"
-        typer.echo(f"error: {one_line(f'{where}: {e.strerror or e}')}", err=True)
-        raise typer.Exit(1) from None
-    except sqlite3.OperationalError as e:  # the request cache: a full or read-only disk
-        typer.echo(f"error: the request cache: {one_line(str(e))}", err=True)
-        raise typer.Exit(1) from None
-
-
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"reflect-tune {__version__}")
@@ -110,6 +77,7 @@ def main(
 
     Stages: [cyan]reflect[/cyan] (a teacher rewrites pairs), [cyan]select[/cyan] (the student scores and
     keeps the best), [cyan]train[/cyan] (instruction tuning, optional logit distillation).
+    Evaluation: [cyan]eval[/cyan] (lm-eval benchmarks), [cyan]judge[/cyan] (win rate against a baseline).
     Data tools: [cyan]inspect[/cyan], [cyan]convert[/cyan].
     """
     # Our own progress notes (e.g. a one-time model conversion) go to stderr, never stdout,
@@ -138,11 +106,6 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _warn(lines: list[str]) -> None:
-    for line in lines:
-        typer.echo(f"warning: {line}", err=True)
-
-
 @app.command()
 def inspect(
     file: Annotated[str, typer.Argument(help="A .json, .jsonl, .parquet file, a save_to_disk folder, or a hub dataset name.")],
@@ -153,7 +116,7 @@ def inspect(
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a tokenizer that needs the model repository's own code.")] = False,
-    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP)] = TurnsPolicy.first,
+    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=TURNS_HELP)] = TurnsPolicy.first,
 ) -> None:
     """Show the detected format, record count, empty and duplicate counts, and length statistics.
 
@@ -166,7 +129,7 @@ def inspect(
             file, format=format.value if format else None, model=model, split=split, trust_remote_code=trust_remote_code,
             turns=turns.value,
         )
-    _warn(info["warnings"])
+    warn(info["warnings"])
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False))
         return
@@ -244,14 +207,14 @@ def convert(
         )
         if policy == "first":  # the first pair only, in any shape; the other turns are counted in the warning
             records = [dataclasses.replace(r, turns=None) for r in records]
-        _warn(report.warnings(multi_turn=policy is not None))  # without a policy every turn is written
+        warn(report.warnings(multi_turn=policy is not None))  # without a policy every turn is written
         if Path(src).exists() and dst.exists() and same_path(src, dst):
             loss = conversion_loss(records, report, to.value, turns=policy)
             if loss:
                 raise ReflectTuneError(f"{dst}: convert would replace its own input and lose information ({loss}); "
                                        "write to another file")
         elif report.extra_fields:
-            _warn([f"{src}: the field(s) {', '.join(report.extra_fields[:5])} are not written (convert keeps id, "
+            warn([f"{src}: the field(s) {', '.join(report.extra_fields[:5])} are not written (convert keeps id, "
                    "system, instruction, input, output and conversation turns)"])
         config = {"src": src, "dst": str(dst), "to": to.value, "format": report.format, "dedupe": dedupe,
                   "drop_empty": drop_empty, "turns": policy, "split": split}
@@ -298,14 +261,14 @@ def reflect(
     format: Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Input record shape; detected when omitted.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a dataset folder or hub dataset.")] = None,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Drop records whose id was already seen (counted), instead of failing.")] = False,
-    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP)] = TurnsPolicy.first,
+    turns: Annotated[TurnsPolicy, typer.Option("--turns", help=TURNS_HELP)] = TurnsPolicy.first,
     response_format: Annotated[ResponseFormat, typer.Option("--response-format", help="How the teacher lays out its reply: markers (tagged blocks in free text), json (a JSON object following prompts/*.schema.json, asked for with response_format json_schema: OpenAI, vLLM, SGLang, llama.cpp, Ollama), or auto (json where the server accepts it: one probe, remembered per base URL and model).")] = ResponseFormat.markers,
     backend: Annotated[Backend, typer.Option("--backend", help="http: an OpenAI-compatible server. transformers: load --model (a model spec, e.g. bundled:smollm2-135m-instruct) in this process; the layout's markers are written for it, so even a small model keeps to it.")] = Backend.http,
     critique_tokens: Annotated[int, typer.Option("--critique-tokens", min=0, help="With --backend transformers: let the teacher write up to N tokens of critique before the text (0: straight to the text).")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="With --backend transformers: prompts per generate call. Default: 8 on the CPU, 64 on a GPU (halved on out-of-memory).")] = None,
     device: Annotated[str, typer.Option("--device", help="With --backend transformers: auto, cpu, cuda, cuda:1, mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="With --backend transformers: auto (bf16 on a GPU that has it, else fp32), float32, bfloat16, float16.")] = "auto",
-    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)] = False,
 ) -> None:
     """A teacher LLM rewrites each pair: instruction reflection (x_ins, y_ins), response reflection (y_res), and
     response reflection of the new pair (y_res_ins). Cached per request; a rerun resumes.
@@ -429,8 +392,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="Ignore shards left by an interrupted run; start over.")]
 PlainFormatOpt = Annotated[Optional[InFormat], typer.Option("--format", "-f", help="Record shape of plain data; detected when omitted.")]
 TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")]
-TurnsOpt = Annotated[TurnsPolicy, typer.Option("--turns", help=_TURNS_HELP + " Plain data only.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)]
+TurnsOpt = Annotated[TurnsPolicy, typer.Option("--turns", help=TURNS_HELP + " Plain data only.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)]
 
 
 @app.command()
@@ -549,6 +512,13 @@ class KdLoss(str, Enum):
     skew_rkl = "skew_rkl"
 
 
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    trackio = "trackio"
+    wandb = "wandb"
+
+
 class Template(str, Enum):
     chat = "chat"
     alpaca = "alpaca"
@@ -583,8 +553,12 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and initialization. Default: 42.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an output folder this command wrote before (only its own files).")] = None,
-    turns: Annotated[Optional[TurnsPolicy], typer.Option("--turns", help=_TURNS_HELP + " Default: first.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
+    turns: Annotated[Optional[TurnsPolicy], typer.Option("--turns", help=TURNS_HELP + " Default: first.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out records (any data file), never trained on: their response-token CE (and KD term) is logged.")] = None,
+    eval_split: Annotated[Optional[float], typer.Option("--eval-split", min=0.0, max=0.5, help="Or hold out this fraction of the training data (seeded, stable per record id).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", "--eval-steps", min=0, help="Held-out loss every N optimizer steps; 0: before training and at the end only. Default: 0.")] = None,
+    report_to: Annotated[Optional[ReportTo], typer.Option("--report-to", help="Also log to a tracker (train_log.csv and loss.png are always written). Default: none.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)] = False,
 ) -> None:
     """Instruction-tune a student (LoRA, QLoRA or full), optionally distilling a teacher's token distributions.
 
@@ -610,6 +584,8 @@ def train(
                  "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every,
                  "keep_checkpoints": keep_checkpoints, "merge": merge, "max_steps": max_steps, "seed": seed,
                  "overwrite": overwrite, "turns": turns.value if turns else None,
+                 "eval_data": eval_data, "eval_split": eval_split, "eval_every": eval_every,
+                 "report_to": report_to.value if report_to else None,
                  "progress": False if no_progress else None}
         file_values = train_config_file(config) if config else {}
         cfg = from_values(TrainConfig, {**file_values, **{k: v for k, v in flags.items() if v is not None}})
@@ -655,7 +631,7 @@ def run(
     start: Annotated[Optional[StageName], typer.Option("--from", help="Start at this stage; the earlier ones must be finished.")] = None,
     until: Annotated[Optional[StageName], typer.Option("--until", help="Stop after this stage.")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Parent of the run folder. Default: the file's `runs_dir`, else ./runs.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help=_NO_PROGRESS_HELP)] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)] = False,
 ) -> None:
     """Run every stage of a pipeline file: make-student, reflect, select, train.
 
@@ -676,6 +652,11 @@ def run(
         typer.echo(f"{st['name']:8} {st['status']:12} {note}".rstrip())
     typer.echo(f"run folder: {folder}")
     typer.echo(f"summary: {folder / 'summary.md'}")
+
+
+# The evaluation commands live in their own files (cli_eval.py, cli_judge.py); same conventions.
+app.command("eval")(eval_command)
+app.command("judge")(judge_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

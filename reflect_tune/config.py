@@ -1,7 +1,7 @@
 """Every stage's settings, and reading them from a YAML file or flags so that every mistake is one line.
 
 One keyword-only dataclass per stage: `ReflectConfig`, `ScoreConfig`, `SelectConfig`,
-`TrainConfig`, `StudentConfig`. The CLI and the pipeline build them the same way, with
+`TrainConfig`, `EvalConfig`, `JudgeConfig`, `StudentConfig`. The CLI and the pipeline build them the same way, with
 `from_values(cls, values)`: unknown keys, wrong types and renamed keys are `SettingError`s that
 name the setting (the pipeline adds FILE:LINE), types come from the annotations, an int is
 taken for a float, a list for a tuple. Train also takes the names Hugging Face users type
@@ -283,12 +283,86 @@ class TrainConfig:
     lora_target: str = "all-linear"
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    eval_samples: int = 32  # CE on the first N examples before and after training (meta.json); 0: off
+    # held-out loss: a file of records never trained on (eval_data), or a seeded, id-stable fraction of
+    # the training data set aside (eval_split); its CE (and KD term) every eval_every steps and at the end
+    eval_data: Optional[str] = None
+    eval_split: float = 0.0
+    eval_every: int = 0  # optimizer steps between held-out evaluations; 0: before training and at the end only
+    eval_batch_size: Optional[int] = None  # default: batch_size
+    # CE on the first N *training* examples before and after training (meta.json); not held-out; 0: off
+    train_ce_samples: int = 32
+    report_to: str = "none"  # none | tensorboard | trackio | wandb (CSV and PNG are always written)
+    run_name: Optional[str] = None  # the tracker's run name; default: the output folder's name
     format: Optional[str] = None
     split: Optional[str] = None
     turns: str = "first"  # multi-turn data: first | last | each
     overwrite: bool = False
     trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """`reflect-tune eval`: lm-evaluation-harness tasks on a model (evaluate.py)."""
+
+    model: str  # any model spec: bundled:NAME, an HF folder, a .gguf, a train output folder (LoRA: base + adapter)
+    tasks: tuple[str, ...]  # lm-eval task names, or paths of task YAML files / folders
+    output: str
+    limit: Optional[float] = None  # per task: a count (>= 1) or a fraction (< 1), as lm_eval's --limit
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+    max_length: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 1234
+    include_path: Optional[str] = None  # a folder of extra task YAMLs (lm_eval --include_path)
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    report_to: str = "none"  # none | tensorboard | trackio | wandb
+    run_name: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class JudgeConfig:
+    """`reflect-tune judge`: pairwise win rate of a model against a baseline, asked of a judge (judge.py)."""
+
+    model: str  # the candidate: any model spec
+    baseline: str  # the model it is compared with: any model spec
+    data: str  # prompts: any supported data file (the instruction and input are the prompt)
+    judge: str  # the judge model's name on the server
+    output: str
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt: Optional[str] = None  # the judge prompt file; default: prompts/judge.txt
+    max_new_tokens: int = 256  # the answers of both local models (greedy)
+    batch_size: int = 8  # prompts per generate call
+    template: str = "chat"  # chat | alpaca: how a prompt is shown to the local models
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: Optional[int] = None
+    concurrency: int = 16
+    rpm: Optional[int] = None
+    tpm: Optional[int] = None
+    max_tokens: int = 512  # the judge's reply
+    temperature: float = 0.0
+    timeout: float = 120.0
+    max_retries: int = 6
+    backoff: float = 1.0
+    cache_dir: Optional[str] = None
+    batch_api: bool = False
+    no_wait: bool = False
+    poll_interval: float = 30.0
+    dry_run: bool = False
+    price_in: Optional[float] = None
+    price_out: Optional[float] = None
+    token_param: str = "auto"
+    extra_body: Optional[dict] = None
+    format: Optional[str] = None
+    split: Optional[str] = None
+    turns: str = "first"
+    trust_remote_code: bool = False
+    overwrite: bool = False
     progress: bool = True
 
 
@@ -308,7 +382,8 @@ TRAIN_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_devic
                  "gradient_accumulation_steps": "grad_accum", "output_dir": "output", "save_steps": "save_every",
                  "save_total_limit": "keep_checkpoints"}
 # Keys that were renamed: a clear pointer instead of "unknown setting".
-RENAMED = {TrainConfig: {"temperature": "kd_temperature"}, StudentConfig: {"from": "teacher"}}
+RENAMED = {TrainConfig: {"temperature": "kd_temperature", "eval_samples": "train_ce_samples"},
+           StudentConfig: {"from": "teacher"}}
 
 
 class SettingError(ReflectTuneError):

@@ -67,7 +67,7 @@ OWNED = {"student": ("output", "overwrite"),
 UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                        "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer",
                        "batch_size"),
-           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "eval_samples")}
+           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name")}
 PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
              "select": ("model", "proxy_model"), "train": ("model", "teacher")}
 CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}

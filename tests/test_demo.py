@@ -172,7 +172,7 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
     assert train_meta["config"]["model"] == str(dirs["student"]) and train_meta["config"]["method"] == "full"
     result = train_meta["result"]
     assert result["steps"] >= 1 and result["loss_before"] > 0 and result["loss_after"] > 0
-    # The response-token CE on the selected pairs (train's eval_samples, training data) must really
+    # The response-token CE on the selected pairs (train's train_ce_samples, training data) must really
     # drop. Measured (2 cores): 12.96 -> 5.80 (-55%) in 5 steps; required: at least -20%.
     assert result["loss_after"] <= 0.8 * result["loss_before"], (result["loss_before"], result["loss_after"])
     assert (dirs["train"] / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,7 +35,7 @@ def base_config(data: str = "data.jsonl") -> dict:
         "student": {"teacher": "teacher-model", "layers": 1},
         "reflect": {"model": "fake-model", "base_url": "${FAKE_URL:-http://127.0.0.1:9/v1}", "max_tokens": 64},
         "select": {"top_k": 3},
-        "train": {"method": "full", "max_steps": 2, "batch_size": 2, "grad_accum": 1, "eval_samples": 3, "lr": 1.0e-3},
+        "train": {"method": "full", "max_steps": 2, "batch_size": 2, "grad_accum": 1, "train_ce_samples": 3, "lr": 1.0e-3},
     }
 
 

@@ -49,7 +49,7 @@ def tiny_train(tiny_model_dir, data: Path, out: Path, **overrides):
     from reflect_tune.train import run
 
     settings = {"data": str(data), "output": str(out), "model": str(tiny_model_dir), "method": "full", "batch_size": 2,
-                "grad_accum": 1, "max_length": 96, "eval_samples": 0, "progress": False, "lr": 1e-3, **overrides}
+                "grad_accum": 1, "max_length": 96, "train_ce_samples": 0, "progress": False, "lr": 1e-3, **overrides}
     return run(from_values(TrainConfig, settings))
 
 

@@ -133,7 +133,7 @@ def test_grad_accumulation_1x8_equals_8x1_token_normalized(tiny_model_dir, padde
         run_train(build_config({}, {"data": str(data), "output": str(out), "model": str(tiny_model_dir), "method": "full",
                                     "teacher": str(padded_teacher_dir), "kd_ratio": 0.4, "kd_loss": "jsd",
                                     "kd_temperature": 2.0, "kd_impl": impl, "batch_size": shape[0], "grad_accum": shape[1],
-                                    "max_length": 96, "max_steps": 1, "eval_samples": 0, "progress": False}))
+                                    "max_length": 96, "max_steps": 1, "train_ce_samples": 0, "progress": False}))
         logs[impl, shape] = next(csv.DictReader(open(out / "train_log.csv")))
     reference = logs["chunked", (8, 1)]
     assert int(reference["tokens"]) > 8  # every example has several target tokens, not the same number
