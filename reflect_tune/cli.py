@@ -623,6 +623,8 @@ class StageName(str, Enum):
     reflect = "reflect"
     select = "select"
     train = "train"
+    eval = "eval"
+    judge = "judge"
 
 
 @app.command("run")
@@ -633,7 +635,7 @@ def run(
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Parent of the run folder. Default: the file's `runs_dir`, else ./runs.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)] = False,
 ) -> None:
-    """Run every stage of a pipeline file: make-student, reflect, select, train.
+    """Run every stage of a pipeline file: make-student, reflect, select, train, eval, judge.
 
     Each stage writes to RUNS/NAME/STAGE-KEY, where KEY hashes the stage's settings and inputs.
     A rerun skips finished stages and resumes an interrupted one; a changed setting makes a new

@@ -37,6 +37,8 @@ from typing import Any
 from reflect_tune.artifacts import atomic_write_text, exclusive, fingerprint, provenance, redact, write_meta
 from reflect_tune import reflect, selection, student, train
 from reflect_tune.config import (
+    EvalConfig,
+    JudgeConfig,
     ReflectConfig,
     SelectConfig,
     SettingError,
@@ -51,26 +53,39 @@ from reflect_tune.config import (
 )
 from reflect_tune.errors import SECRET_NAME, ReflectTuneError, clip, one_line, register_secret
 from reflect_tune.records import FORMATS, TURN_POLICIES, check_source, is_reflected
+from reflect_tune.summary import read_json, write_summary
 
 log = logging.getLogger(__name__)
 
-STAGES = ("student", "reflect", "select", "train")
+STAGES = ("student", "reflect", "select", "train", "eval", "judge")
 TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", *STAGES)
 # settings the pipeline sets itself: never in the YAML, never in a key
 OWNED = {"student": ("output", "overwrite"),
          "reflect": ("input", "output", "progress", "format", "split", "turns"),
          "select": ("input", "output", "progress", "resume", "format", "split", "turns"),
-         "train": ("data", "output", "progress", "resume", "overwrite", "format", "split", "turns")}
+         "train": ("data", "output", "progress", "resume", "overwrite", "format", "split", "turns"),
+         "eval": ("model", "output", "progress", "overwrite"),
+         "judge": ("model", "baseline", "output", "progress", "overwrite", "format", "split", "turns")}
+# pipeline-only settings of a stage section (not a setting of the stage's command)
+EXTRA = {"select": ("holdout", "holdout_seed")}
+HELDOUT = "heldout.jsonl"  # in the select folder: the held-out records (alpaca JSON Lines), never scored or trained on
 # settings that change nothing in a stage's result: left out of its key
 # (reflect's base_url is left out like in the request cache's key: the model name identifies the teacher,
 # so a server that moved to another port or host keeps its finished work)
 UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                        "no_wait", "retry_failed", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "tokenizer",
                        "batch_size"),
-           "select": ("batch_tokens", "device"), "train": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name")}
+           "select": ("batch_tokens", "device"),
+           "train": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name"),
+           "eval": ("batch_size", "device", "report_to", "run_name"),
+           "judge": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
+                     "no_wait", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "batch_size", "device")}
 PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
-             "select": ("model", "proxy_model"), "train": ("model", "teacher")}
-CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig}
+             "select": ("model", "proxy_model"), "train": ("model", "teacher", "eval_data"),
+             "eval": ("include_path", "tasks"), "judge": ("data", "prompt", "cache_dir")}
+CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig,
+           "eval": EvalConfig, "judge": JudgeConfig}
+NOT_REQUIRED = {"eval": ("tasks",), "judge": ("data",)}  # eval: held-out loss alone; judge: the held-out prompts
 
 
 @dataclass(kw_only=True)
@@ -178,6 +193,16 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
 def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Path) -> dict[str, Any]:
     """A stage section's settings, typed and checked against the stage's config (config.check_values)."""
     cls = CLASSES[stage]
+    extra = {k: values.pop(k) for k in EXTRA.get(stage, ()) if k in values}
+    if "holdout" in extra and (isinstance(extra["holdout"], bool) or not isinstance(extra["holdout"], (int, float))
+                               or not 0 < extra["holdout"] < 1):
+        raise ReflectTuneError(f"{pipe.where(stage, 'holdout')}: {stage}: setting 'holdout': a fraction between 0 and 1 "
+                               f"of the records held out for evaluation, got {clip(extra['holdout'])}")
+    if "holdout_seed" in extra and (isinstance(extra["holdout_seed"], bool) or not isinstance(extra["holdout_seed"], int)):
+        raise ReflectTuneError(f"{pipe.where(stage, 'holdout_seed')}: {stage}: setting 'holdout_seed': an integer, "
+                               f"got {clip(extra['holdout_seed'])}")
+    if "holdout_seed" in extra and "holdout" not in extra:
+        raise ReflectTuneError(f"{pipe.where(stage, 'holdout_seed')}: {stage}: setting 'holdout_seed': needs 'holdout'")
     written = {canonical(cls, k): k for k in values}  # to point at the line of a key given by its alias
     typed = {}
     for key, value in values.items():
@@ -190,7 +215,8 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
     except SettingError as e:
         raise ReflectTuneError(f"{pipe.where(stage, written.get(e.setting, e.setting))}: {stage}: {e}") from None
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING and f.name not in OWNED[stage] and f.name not in values]
+                and f.default_factory is dataclasses.MISSING and f.name not in OWNED[stage] and f.name not in values
+                and f.name not in NOT_REQUIRED.get(stage, ())]
     if required:
         raise ReflectTuneError(f"{pipe.where(stage)}: {stage}: setting '{required[0]}': required")
     if stage == "reflect" and values.get("dry_run"):
@@ -198,9 +224,11 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
                                "no reflections); estimate with `reflect-tune reflect DATA -o X --model M --dry-run`")
     for key in PATH_KEYS[stage]:  # a relative path that exists next to the YAML file means that file
         value = values.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+        if isinstance(value, tuple):  # eval's tasks: names, or task YAML paths next to the file
+            values[key] = tuple(str(base / v) if not Path(v).is_absolute() and (base / v).exists() else v for v in value)
+        elif isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
             values[key] = str(base / value)
-    return values
+    return {**values, **extra}
 
 
 @contextmanager
@@ -220,8 +248,9 @@ class Stage:
     name: str
     key: str
     folder: Path
-    config: Any  # ReflectConfig | SelectConfig | TrainConfig | dict (student)
+    config: Any  # the stage's config (eval: the trained student's; `extra["before"]`: its starting point's)
     upstream: dict[str, str]  # names and keys (or fingerprints) of what it reads
+    extra: dict[str, Any] = field(default_factory=dict)  # select: the hold-out; eval: the starting point's config
 
     @property
     def done(self) -> bool:
@@ -261,8 +290,8 @@ def plan(pipe: Pipeline) -> list[Stage]:
         key = stage_key(name, keyed, upstream)
         return key, pipe.folder / f"{name}-{key}"
 
-    def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any]) -> None:
-        st = Stage(name=name, key=key, folder=where, config=config, upstream=upstream)
+    def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any], **extra: Any) -> None:
+        st = Stage(name=name, key=key, folder=where, config=config, upstream=upstream, extra=extra)
         stages.append(st)
         by_name[name] = st
 
@@ -303,8 +332,15 @@ def plan(pipe: Pipeline) -> list[Stage]:
             if s.get(name) and keyed.get(name) != "student":
                 up[name] = _model_id(s[name])
         key, where = folder("select", keyed, up)
-        cfg = SelectConfig(**s, input=_feed_path(by_name, feed, pipe), output=str(where / "selected.jsonl"), **from_data())
-        add("select", key, where, cfg, up)
+        hold = {k: s.pop(k) for k in EXTRA["select"] if k in s}
+        source = _feed_path(by_name, feed, pipe)
+        if hold:  # the held-out records are set aside first: selection reads the rest (see _hold_out)
+            hold = {"fraction": hold["holdout"], "seed": hold.get("holdout_seed", 42), "source": source,
+                    "source_format": from_data(), "heldout": str(where / HELDOUT)}
+            cfg = SelectConfig(**s, input=str(where / "candidates.jsonl"), output=str(where / "selected.jsonl"))
+        else:
+            cfg = SelectConfig(**s, input=source, output=str(where / "selected.jsonl"), **from_data())
+        add("select", key, where, cfg, up, **({"holdout": hold} if hold else {}))
         feed = ("select", key)
     if "train" in pipe.sections:
         s = dict(pipe.sections["train"])
@@ -321,8 +357,42 @@ def plan(pipe: Pipeline) -> list[Stage]:
             up["model"] = _model_id(s["model"])
         if s.get("teacher"):
             up["teacher"] = _model_id(s["teacher"])
+        heldout = by_name["select"].extra.get("holdout") if "select" in by_name else None
+        if heldout and not s.get("eval_data") and not s.get("eval_split"):
+            s["eval_data"] = heldout["heldout"]  # the select stage's held-out records (in its keyed folder)
+            keyed["eval_data"] = f"select:{HELDOUT}"
+        elif s.get("eval_data"):  # by content, like the data
+            keyed.pop("eval_data")
+            up["eval_data"] = _content_id(s["eval_data"])
         key, where = folder("train", keyed, up)
         add("train", key, where, TrainConfig(**s, data=_feed_path(by_name, feed, pipe), output=str(where), **from_data()), up)
+    for name in ("eval", "judge"):
+        if name in pipe.sections and "train" not in by_name:
+            raise ReflectTuneError(f"{pipe.where(name)}: {name}: compares the trained student with its starting point; "
+                                   "it needs a train section")
+    if "eval" in pipe.sections:
+        s, tr = dict(pipe.sections["eval"]), by_name["train"]
+        # task files and folders by their content, so a moved checkout keeps its keys
+        keyed = {k: v for k, v in s.items() if k not in UNKEYED["eval"] and k not in ("tasks", "include_path")}
+        up = {"train": tr.key, "tasks": [_content_id(t) if Path(t).exists() else t for t in s.get("tasks", ())]}
+        if s.get("include_path"):
+            up["include_path"] = _content_id(s["include_path"])
+        key, where = folder("eval", keyed, up)
+        after = EvalConfig(**{"tasks": (), **s}, model=str(tr.folder), output=str(where / "after"))
+        add("eval", key, where, after, up, before=dataclasses.replace(after, model=tr.config.model, output=str(where / "before")))
+    if "judge" in pipe.sections:
+        s, tr = dict(pipe.sections["judge"]), by_name["train"]
+        heldout = by_name["select"].extra.get("holdout") if "select" in by_name else None
+        if not s.get("data") and not heldout:
+            raise ReflectTuneError(f"{pipe.where('judge')}: judge: setting 'data': required without a select 'holdout' "
+                                   "(the held-out prompts are judged by default)")
+        keyed = {k: v for k, v in s.items() if k not in UNKEYED["judge"] and k not in ("data", "prompt")}
+        up = {"train": tr.key, "data": _content_id(s["data"]) if s.get("data") else f"select:{HELDOUT}"}
+        if s.get("prompt"):
+            up["prompt"] = _content_id(s["prompt"])
+        key, where = folder("judge", keyed, up)
+        data = {"data": s.pop("data")} if s.get("data") else {"data": heldout["heldout"]}
+        add("judge", key, where, JudgeConfig(**s, **data, model=str(tr.folder), baseline=tr.config.model, output=str(where)), up)
     return stages
 
 
@@ -419,9 +489,30 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
                 st.folder.mkdir(parents=True, exist_ok=True)
                 reflect.validate(st.config)
             elif st.name == "select":
-                selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(st.config.input))
-            else:
-                train.validate(dataclasses.replace(st.config, resume=_started(st.folder)))
+                source = st.extra["holdout"]["source"] if "holdout" in st.extra else st.config.input
+                selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(source))
+            elif st.name == "train":
+                train.validate(dataclasses.replace(st.config, resume=_started(st.folder),
+                                                   eval_data=_exists_or(st.config.eval_data, pipe.data)))
+            else:  # eval, judge: before the student is trained, checked on its starting point
+                _validate_comparison(st, pipe)
+
+
+def _exists_or(path: str | None, stand_in: str) -> str | None:
+    """A file a stage reads that an earlier stage writes: a stand-in of the same kind until it exists."""
+    return path if path is None or Path(path).exists() else stand_in
+
+
+def _validate_comparison(st: Stage, pipe: Pipeline) -> None:
+    from reflect_tune import evaluate, judge
+
+    trained = Path(st.config.model) / "meta.json"
+    if st.name == "eval":
+        if st.config.tasks:
+            evaluate.validate(st.config if trained.is_file() else st.extra["before"])
+        return
+    cfg = st.config if trained.is_file() else dataclasses.replace(st.config, model=st.config.baseline)
+    judge.validate(dataclasses.replace(cfg, data=_exists_or(cfg.data, pipe.data)))
 
 
 def _started(folder: Path) -> bool:
@@ -432,7 +523,7 @@ def _started(folder: Path) -> bool:
 def _load_record(pipe: Pipeline, stages: list[Stage]) -> dict[str, Any]:
     """run.json's content for this plan; a stage with the same key keeps its times from an earlier run."""
     earlier = {}
-    old = _read_json(pipe.folder / "run.json")
+    old = read_json(pipe.folder / "run.json")
     if isinstance(old, dict) and isinstance(old.get("stages"), list):
         earlier = {(e.get("name"), e.get("key")): e for e in old["stages"] if isinstance(e, dict)}
     rows = []
@@ -457,7 +548,17 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
         return student.run(st.config)
     if st.name == "train":
         return train.run(dataclasses.replace(st.config, progress=progress, resume=_started(st.folder)))
+    if st.name == "judge":
+        from reflect_tune import judge
+
+        return judge.run(dataclasses.replace(st.config, progress=progress))
     st.folder.mkdir(parents=True, exist_ok=True)
+    if st.name == "eval":
+        summary = _run_eval(st, progress)
+        meta = provenance("eval", st.config, inputs=[])
+        meta.update(key=st.key, upstream=st.upstream, summary=summary)
+        write_meta(st.folder, meta)
+        return summary
     if st.name == "reflect":
         result = reflect.run(dataclasses.replace(st.config, progress=progress))
         if result.status == "submitted":
@@ -470,113 +571,65 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
             return {"status": f"{failed} requests failed after every retry (api_failed, see "
                               f"{st.config.output}); the next run retries only those"}
     else:
+        if "holdout" in st.extra:
+            _hold_out(st.extra["holdout"], st.config.input)
         summary = selection.run(dataclasses.replace(st.config, progress=progress)).summary
+        if "holdout" in st.extra:
+            summary["heldout"] = _count_lines(Path(st.extra["holdout"]["heldout"]))
     meta = provenance(st.name, st.config, inputs=[st.config.input])
     meta.update(key=st.key, upstream=st.upstream, summary=summary)
     write_meta(st.folder, meta)
     return summary
 
 
-# ----------------------------------------------------------------------------- summary.md
+def _hold_out(hold: dict[str, Any], candidates: str) -> None:
+    """Split select's input by record id (records.split_holdout: seeded, stable per id): the held-out
+    records go to heldout.jsonl (their original pairs, alpaca), the rest to `candidates`, which
+    selection then reads. A reflect output is filtered line by line, so nothing of it is rewritten."""
+    from reflect_tune.convert import record_to_row, write_rows
+    from reflect_tune.records import load_records, split_holdout
+
+    source = hold["source"]
+    if is_reflected(source):
+        lines = [line for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+        keep, held = split_holdout(rows, hold["fraction"], hold["seed"])
+        held_ids = {r["id"] for r in held}
+        heldout = [{"id": r["id"], **{k: r["original"].get(k, "") for k in ("instruction", "input", "output")},
+                    **({"system": r["original"]["system"]} if r["original"].get("system") else {})}
+                   for r in rows if r["id"] in held_ids]
+        text = "".join(line + "\n" for line, r in zip(lines, rows) if r["id"] not in held_ids)
+        atomic_write_text(Path(candidates), text)
+    else:
+        fmt = hold["source_format"]
+        records, _ = load_records(source, format=fmt.get("format"), split=fmt.get("split"), turns=fmt.get("turns", "first"))
+        keep, held = split_holdout(records, hold["fraction"], hold["seed"])
+        system = any(r.system for r in records)
+        write_rows([record_to_row(r, "alpaca", with_system=system) for r in keep], candidates)
+        heldout = [record_to_row(r, "alpaca", with_system=system) for r in held]
+    if not heldout:
+        raise ReflectTuneError(f"select: holdout {hold['fraction']} of {len(keep)} records holds out none; "
+                               "raise it or use more data")
+    write_rows(heldout, hold["heldout"])
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
+def _run_eval(st: Stage, progress: bool) -> dict[str, Any]:
+    """The eval stage: the lm-eval tasks on the starting point (before/) and the trained student
+    (after/), each skipped when finished earlier; held-out loss from the train stage's meta.json."""
+    from reflect_tune import evaluate
 
-
-def write_summary(pipe: Pipeline, stages: list[Stage]) -> Path:
-    """summary.md from what the stage folders hold (finished stages only)."""
-    out = [f"# reflect-tune run `{pipe.name}`", "",
-           f"Config: `pipeline.yaml` (copied from `{pipe.path}`). Data: `{pipe.data}`.", "",
-           "| stage | folder | status |", "| --- | --- | --- |"]
-    out += [f"| {s.name} | `{s.folder.name}/` | {'done' if s.done else 'not finished'} |" for s in stages]
-    for st in stages:
-        meta = _read_json(st.folder / "meta.json") if st.done else None
-        if meta is None:
+    summary: dict[str, Any] = {"tasks": list(st.config.tasks)}
+    for side, cfg in (("before", st.extra["before"]), ("after", st.config)):
+        if not cfg.tasks:
             continue
-        out += ["", *{"student": _student_md, "reflect": _reflect_md, "select": _select_md, "train": _train_md}[st.name](st, meta)]
-    path = pipe.folder / "summary.md"
-    atomic_write_text(path, "\n".join(out) + "\n")
-    return path
-
-
-def _student_md(st: Stage, meta: dict) -> list[str]:
-    return ["## Student (make-student)", "",
-            f"`{meta.get('teacher', st.config.teacher)}` cut to {len(meta.get('kept_layers', []))} of "
-            f"{meta.get('teacher_layers')} layers (kept {meta.get('kept_layers')}): {meta.get('parameters', 0):,} parameters "
-            f"against the teacher's {meta.get('teacher_parameters', 0):,}."]
-
-
-def _reflect_md(st: Stage, meta: dict) -> list[str]:
-    s = meta["summary"]
-    cost = "unknown" if s.get("cost_usd") is None else f"${s['cost_usd']:.4f}"
-    where = ("in this process (backend transformers)" if meta["config"].get("backend") == "transformers"
-             else f"at `{meta['config'].get('base_url') or 'api.openai.com'}`")
-    total = sum(sum(counts.values()) for counts in s["variants"].values())
-    ok = sum(counts.get("ok", 0) for counts in s["variants"].values())
-    lines = ["## Teacher usage (reflect)", "",
-             f"Teacher `{meta['config'].get('model')}` {where}, reply layout `{s.get('response_format', 'markers')}`, "
-             f"{s['records']} records: **{ok} of {total} variants ok ({100 * ok / max(total, 1):.0f}%)**.", "",
-             "| requests answered | from cache | sent | retries | prompt tokens | completion tokens | cost | wall |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| {s['requests_answered']} | {s['requests_cached']} | {s['requests_sent']} | {s['retries']} | "
-             f"{s['prompt_tokens']} | {s['completion_tokens']} | {cost} ({s.get('price_source', '')}) | {s['wall_s']:.0f} s |",
-             "", "| variant | " + " | ".join(_statuses(s)) + " |", "| --- |" + " --- |" * len(_statuses(s))]
-    for variant, counts in s["variants"].items():
-        lines.append(f"| {variant} | " + " | ".join(str(counts.get(k, 0)) for k in _statuses(s)) + " |")
-    return lines
-
-
-def _statuses(s: dict) -> list[str]:
-    return sorted({k for counts in s["variants"].values() for k in counts}) or ["ok"]
-
-
-def _select_md(st: Stage, meta: dict) -> list[str]:
-    s = meta["summary"]
-    cut = s.get("ifd_cut") if s.get("ifd_cut") is not None else s.get("rifd_cut")
-    lines = ["## Selection", "",
-             f"Method `{s['method']}` with `{Path(str(s['model'])).name}` (template {s['template']}): {s['records']} records, "
-             f"{s['candidates']} candidates scored, **{s['selected']} selected** (last kept score {_fmt(cut)}).", "",
-             "| step | outcome | records |", "| --- | --- | --- |"]
-    phases = {"phase1": "1: instruction (original or reflected)", "phase2": "2: response (kept or reflected)"}
-    for k, v in s["decisions"].items():
-        step, _, outcome = k.partition("_")
-        if v and step in phases:
-            lines.append(f"| {phases[step]} | {outcome} | {v} |")
-    lines.append(f"| final | selected | {s['selected']} |")
-    lines += [f"| final | {k} | {v} |" for k, v in s["decisions"].items() if v and k.startswith("dropped")]
-    lines += ["", "Score distributions over the candidates that reached the filter:", "",
-              "| score | count | NaN | min | p50 | p95 | max |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("ifd", "rifd"):
-        d = s.get(name) or {}
-        lines.append(f"| {name} | {d.get('count', 0)} | {d.get('nan', 0)} | " + " | ".join(_fmt(d.get(q)) for q in ("min", "p50", "p95", "max")) + " |")
-    report = Path(st.config.output).with_suffix(".report")
-    for png in ("ifd_hist.png", "rifd_hist.png"):
-        if (report / png).is_file():
-            lines += ["", f"![{png}]({st.folder.name}/{report.name}/{png})"]
-    return lines
-
-
-def _train_md(st: Stage, meta: dict) -> list[str]:
-    r, c = meta.get("result", {}), meta.get("config", {})
-    kd = f", KD from `{c.get('teacher')}` ({c.get('kd_loss')}, ratio {c.get('kd_ratio')})" if c.get("teacher") else ""
-    lines = ["## Training", "",
-             f"`{c.get('method')}` on `{Path(str(c.get('model'))).name}`{kd}: {r.get('steps')} steps, "
-             f"{r.get('samples_seen')} samples, {r.get('tokens_seen')} target tokens, {r.get('wall_s')} s.", "",
-             f"Response-token cross-entropy on the first {r.get('eval_examples')} training examples: "
-             f"**{_fmt(r.get('loss_before'))} before → {_fmt(r.get('loss_after'))} after**. "
-             f"Last step's training loss: {_fmt(r.get('final_loss'))}."]
-    if (st.folder / "loss.png").is_file():
-        lines += ["", f"![loss]({st.folder.name}/loss.png)"]
-    return lines
+        out = Path(cfg.output)
+        if not (out / "eval.json").is_file():  # an interrupted side is run again from the start
+            evaluate.run(dataclasses.replace(cfg, progress=progress, overwrite=out.exists()))
+        summary[side] = read_json(out / "eval.json")
+    train_meta = read_json(Path(st.config.model) / "meta.json") or {}
+    summary["heldout"] = (train_meta.get("result") or {}).get("heldout")
+    return summary

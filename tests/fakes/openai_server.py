@@ -66,6 +66,11 @@ Only the default (1) value is supported." (param temperature / top_p, code unsup
 Their replies' usage has `completion_tokens_details.reasoning_tokens` = `reasoning_tokens`
 (default 40), and `completion_tokens` includes them, as OpenAI counts them.
 
+Pairwise judging: with `judge=RULE` (JUDGE_RULES), a request whose user message shows two answers
+as reflect_tune.judge's built-in prompt does is answered "Both answers read." and a last line
+`Verdict: [[1]]` / `[[2]]` / `[[tie]]`: always the first / second / tie, or `longer` (the answer
+with more characters; tie when equal). Content faults apply as to any reply. Off by default.
+
 Stats (`stats()`, GET /_stats; `reset()`, POST /_reset clear them and the attempt counters):
 chat_requests (live calls, any outcome), by_status ({"200": n, "drop": n, ...}), by_key,
 in_flight, max_in_flight, log ([{t, done, key, status, model}] per live call, plus `body` (the
@@ -151,7 +156,24 @@ def find_directives(texts) -> list[str]:
     return list(seen)
 
 
-def build_reply(messages: list, content_fault: str | None = None) -> str:
+JUDGE_RULES = ("longer", "first", "second", "tie")
+
+
+def judge_verdict(msgs: list, rule: str) -> str | None:
+    """A pairwise judge's verdict by `rule` when a user message shows two answers the way
+    reflect_tune.judge's prompt does (longer: the answer with more characters, tie when equal), else None."""
+    from reflect_tune.judge import shown_answers
+
+    for m in msgs:
+        pair = shown_answers(content_text(m.get("content"))) if m.get("role") == "user" else None
+        if pair is not None:
+            first, second = len(pair[0]), len(pair[1])
+            return {"first": "1", "second": "2", "tie": "tie",
+                    "longer": "1" if first > second else "2" if second > first else "tie"}[rule]
+    return None
+
+
+def build_reply(messages: list, content_fault: str | None = None, judge: str | None = None) -> str:
     """The assistant text for `messages`, optionally spoiled by a content fault (see module doc)."""
     msgs = [m for m in messages if isinstance(m, dict)]
     last = next((content_text(m.get("content")) for m in reversed(msgs) if m.get("role") == "user"), "")
@@ -168,6 +190,8 @@ def build_reply(messages: list, content_fault: str | None = None) -> str:
         blocks = [("NEW INSTRUCTION", f"Improved instruction {h} {d}".strip()), ("NEW ANSWER", f"Improved answer {h}")]
     elif "BETTER ANSWER" in names:
         pre, blocks = "Critique of the answer.", [("BETTER ANSWER", f"Better answer {h}")]
+    elif judge is not None and (verdict := judge_verdict(msgs, judge)) is not None:
+        pre, blocks = f"Both answers read.\nVerdict: [[{verdict}]]", []
     else:
         pre, blocks = "Echo: " + last[:200], []
     if content_fault in BLANK_TEXT:
@@ -223,7 +247,7 @@ def build_json_reply(messages: list, schema, content_fault: str | None = None) -
 
 
 def decide(body, attempt: int, models, *, batch: bool = False, reasoning_models=REASONING_MODELS,
-           reasoning_tokens: int = 40, json_mode: str = "accept") -> tuple:
+           reasoning_tokens: int = 40, json_mode: str = "accept", judge: str | None = None) -> tuple:
     """Answer one chat-completions request body on its `attempt`-th try (1-based).
 
     Returns ("ok", chat.completion dict), ("error", status, error body, extra headers),
@@ -272,7 +296,7 @@ def decide(body, attempt: int, models, *, batch: bool = False, reasoning_models=
     if wants_json and json_mode == "accept":
         reply = build_json_reply(msgs, (body["response_format"].get("json_schema") or {}).get("schema"), content_fault)
     else:
-        reply = build_reply(msgs, content_fault)
+        reply = build_reply(msgs, content_fault, judge)
     prompt_tokens = sum(len(t.split()) for t in texts)
     completion_tokens = len(reply.split()) + (reasoning_tokens if reasoning else 0)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -378,10 +402,11 @@ class FakeOpenAI:
     def __init__(self, latency: float = 0.0, api_key: str | None = None, models=None,
                  stall_seconds: float = 30.0, batch_polls: int = 2, seed: int = 0, host: str = "127.0.0.1",
                  port: int = 0, record_bodies: bool = False, reasoning_models=REASONING_MODELS,
-                 reasoning_tokens: int = 40, json_mode: str = "accept"):
+                 reasoning_tokens: int = 40, json_mode: str = "accept", judge: str | None = None):
         self.latency, self.models, self.stall_seconds = latency, None if models is None else list(models), stall_seconds
         self.record_bodies, self.reasoning_models = record_bodies, tuple(reasoning_models)
         self.reasoning_tokens = reasoning_tokens
+        self.judge = judge  # None, or a pairwise judge's rule (JUDGE_RULES) for reflect_tune.judge's prompts
         self.json_mode = json_mode  # response_format json_schema: "accept", "reject" (HTTP 400) or "ignore" (free text)
         self.batch_polls, self.host, self.port = batch_polls, host, port
         self._api_key, self._rng, self._stats, self._in_flight = api_key, random.Random(seed), _new_stats(), 0
@@ -546,7 +571,7 @@ class FakeOpenAI:
                 entry["body"], entry["usage"] = req, None
             attempt = st["by_key"][key] = st["by_key"].get(key, 0) + 1
             outcome = decide(req, attempt, self.models, reasoning_models=self.reasoning_models,
-                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode)
+                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode, judge=self.judge)
             if self.record_bodies and outcome[0] in ("ok", "stall"):
                 entry["usage"] = outcome[1]["usage"]
             status = outcome[1] if outcome[0] == "error" else "drop" if outcome[0] == "drop" else 200
@@ -680,7 +705,7 @@ class FakeOpenAI:
             key = request_key(body)
             attempt = by_key[key] = by_key.get(key, 0) + 1
             outcome = decide(body, attempt, self.models, batch=True, reasoning_models=self.reasoning_models,
-                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode)
+                             reasoning_tokens=self.reasoning_tokens, json_mode=self.json_mode, judge=self.judge)
             line = {"id": "batch_req_" + _hex(), "custom_id": custom_id, "response": None, "error": None}
             if outcome[0] == "expired":
                 line["error"] = {"code": "batch_expired", "message": "The request was not run within the window."}
