@@ -650,3 +650,21 @@ def load_records(
             f"and {report.duplicates_dropped} duplicates"
         )
     return records, report
+
+
+def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, heldout): the records whose id hashes, with `seed`, below `fraction` are held out.
+
+    A record's side depends only on (seed, id), never on the other records or their order, so
+    adding records never moves an existing one. The pairs `turns="each"` makes of one conversation
+    (`ID#t1`, `ID#t2`, ...) hash by `ID` and stay together, as do the variants of one reflect record
+    (which share its id). Both lists keep the input order. `train`'s `eval_split` uses this rule."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    train, heldout = [], []
+    for rec in records:
+        rid = rec.id if isinstance(rec, Record) else rec["id"]
+        base = rid[: rid.rindex("#t")] if "#t" in rid and rid.rsplit("#t", 1)[1].isdigit() else rid
+        digest = hashlib.sha256(f"{int(seed)}\x00{base}".encode("utf-8")).digest()
+        (heldout if int.from_bytes(digest[:8], "big") / 2.0**64 < fraction else train).append(rec)
+    return train, heldout

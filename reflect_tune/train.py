@@ -9,10 +9,13 @@
                backward per micro-batch (each loss a token *sum* divided by the step's total token
                count, so accumulation and data parallelism give the gradient of the mean over the
                step's tokens), then clip, AdamW step, cosine schedule, log, checkpoint
-            -> the final HF save.
+               (and every `eval_every` steps the held-out loss)
+            -> the held-out loss at the end, the final HF save.
 
-The helpers it calls build things (examples, models, batches, the loss) and write things
-(checkpoints, the log, the final folder); the loop itself is in `run`. `targets` are aligned with
+Held-out records (`eval_data`, or the `eval_split` fraction of the data, split by id) are never
+trained on; their response-token CE and KD term are measured at step 0, every `eval_every` steps
+and at the end (train_log.py). The helpers it calls build things (examples, models, batches, the
+loss) and write things (checkpoints, the log, the final folder); the loop itself is in `run`. `targets` are aligned with
 the inputs (`targets[t]` is the token after `input_ids[t]`), so a packed row never asks one
 sequence to predict the next one. With a teacher the loss is
 `(1 − kd_ratio)·CE + kd_ratio·T²·D(teacher^T ‖ student^T)` from `reflect_tune.losses`, memory-lean
@@ -21,10 +24,8 @@ sequence to predict the next one. With a teacher the loss is
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -41,8 +42,6 @@ import torch
 import yaml
 
 from reflect_tune.artifacts import (
-    append_durably,
-    atomic_path,
     atomic_write_text,
     check_output_folder,
     claim_folder,
@@ -72,18 +71,21 @@ from reflect_tune.models import load_model, load_tokenizer, resolve_model
 from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, load_records
 from reflect_tune.templates import alpaca_prompt
+from reflect_tune.tracking import check_report_to, open_tracker
+from reflect_tune.train_log import (append_log, eval_row, held_out, heldout_records, heldout_start, heldout_summary, measure,
+                                    plot_losses, tracker_metrics, train_ce, train_row)
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "full")
 TEMPLATES = ("chat", "alpaca")
 # Changing these between a checkpoint and `--resume` is allowed; anything else must match.
-_RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge", "eval_samples"}
-LOG_FIELDS = ["step", "epoch", "tokens", "loss", "ce_loss", "kd_loss", "lr", "grad_norm", "tokens_per_s", "wall_s"]
+_RESUME_FREE = {"resume", "save_every", "keep_checkpoints", "progress", "overwrite", "merge", "train_ce_samples",
+                "eval_every", "eval_batch_size", "report_to", "run_name"}
 # what train writes at the top of its output folder besides the model and tokenizer files (which
 # save_final notes in the folder's marker): `--overwrite` removes these and nothing foreign
-OUTPUT_NAMES = ("checkpoints", "train_log.csv", "eval_before.json", "loss.png", "train_config.yaml", "meta.json",
-                "merged", ".final.tmp", ".merged.tmp")
+OUTPUT_NAMES = ("checkpoints", "train_log.csv", "train_ce_before.json", "eval_before.json", "loss.png", "train_config.yaml",
+                "meta.json", "merged", ".final.tmp", ".merged.tmp", "tensorboard", "trackio", "wandb")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -99,7 +101,11 @@ def validate(cfg: TrainConfig) -> None:
     checks += [(n, "must be between 0 and 1", not 0.0 <= getattr(cfg, n) <= 1.0)
                for n in ("kd_ratio", "beta", "skew_alpha", "warmup_ratio", "lora_dropout")]
     checks += [("max_length", "must be at least 2", cfg.max_length < 2), ("save_every", "must be >= 0", cfg.save_every < 0),
-               ("eval_samples", "must be >= 0", cfg.eval_samples < 0),
+               ("train_ce_samples", "must be >= 0", cfg.train_ce_samples < 0), ("eval_every", "must be >= 0", cfg.eval_every < 0),
+               ("eval_split", "must be at least 0 and below 1", not 0.0 <= cfg.eval_split < 1.0),
+               ("eval_split", "give eval_data or eval_split, not both", bool(cfg.eval_data) and cfg.eval_split > 0),
+               ("eval_every", "needs held-out data: eval_data or eval_split", cfg.eval_every > 0 and not held_out(cfg)),
+               ("eval_batch_size", "must be at least 1", cfg.eval_batch_size is not None and cfg.eval_batch_size < 1),
                ("max_steps", "must be at least 1", cfg.max_steps is not None and cfg.max_steps < 1),
                ("kd_temperature", "must be > 0", not cfg.kd_temperature > 0),
                ("lr", "must be > 0", cfg.lr is not None and not cfg.lr > 0),
@@ -107,8 +113,9 @@ def validate(cfg: TrainConfig) -> None:
     for name, why, failed in checks:
         if failed:
             raise SettingError(name, f"setting '{name}': {why}")
+    check_report_to(cfg.report_to)  # an unknown tracker or its missing package: before any model loads
     out = Path(cfg.output)
-    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher])  # not a file, holds no input, writable
+    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher, cfg.eval_data])  # not a file, holds no input, writable
     nonempty = out.is_dir() and any(out.iterdir())
     if nonempty and not (cfg.resume or cfg.overwrite):
         raise ReflectTuneError(f"{out}: not empty; pass --resume to continue its run, --overwrite to replace it, "
@@ -126,7 +133,8 @@ def _is_train_folder(out: Path) -> bool:
     """A folder this stage wrote: its marker, or (written before markers existed) its checkpoints or log."""
     if owned_by(out, "train"):
         return True
-    return read_marker(out) is None and any((out / n).exists() for n in ("checkpoints", "eval_before.json", "train_log.csv"))
+    return read_marker(out) is None and any((out / n).exists() for n in ("checkpoints", "train_ce_before.json",
+                                                                        "eval_before.json", "train_log.csv"))
 
 
 def explain_empty_selection(data: str) -> None:
@@ -180,7 +188,7 @@ def render(rec, tok, template: str) -> tuple[str, str]:
     return prompt, full[len(prompt):]
 
 
-def build_examples(records, tok, cfg: TrainConfig) -> tuple[list[Example], dict[str, int]]:
+def build_examples(records, tok, cfg: TrainConfig, source: str = "") -> tuple[list[Example], dict[str, int]]:
     """Tokenize every record (response-only targets), cut at max_length; count what was cut."""
     if cfg.template == "chat" and not getattr(tok, "chat_template", None):
         raise ModelError(f"{cfg.model}: the tokenizer has no chat template; use --template alpaca")
@@ -203,7 +211,7 @@ def build_examples(records, tok, cfg: TrainConfig) -> tuple[list[Example], dict[
         stats["target_tokens"] += n
     stats["examples"] = len(examples)
     if not examples:
-        raise DataError(f"{cfg.data}: no example keeps a response token within --max-length {cfg.max_length}")
+        raise DataError(f"{source or cfg.data}: no example keeps a response token within --max-length {cfg.max_length}")
     return examples, stats
 
 
@@ -413,77 +421,6 @@ def check_resume_config(ckpt: Path, cfg: TrainConfig, saved: dict) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _append_log(path: Path, rows: list[dict], keep_until: Optional[int] = None) -> None:
-    """Append rows to train_log.csv; `keep_until` first drops rows after that step (a resume).
-
-    The rewrite is atomic and an append that fails (disk full) is cut back, so the log never holds
-    a torn line; rows that cannot be read (a file from a crash) are dropped on the rewrite.
-    """
-    if keep_until is not None or not path.is_file():
-        old = []
-        if path.is_file():
-            with open(path, newline="") as fh:
-                for r in csv.DictReader(fh):
-                    try:
-                        if int(r["step"]) <= (keep_until or 0):
-                            old.append(r)
-                    except (KeyError, TypeError, ValueError):
-                        continue
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
-            w.writeheader()
-            w.writerows(old + rows)
-        return
-    buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerows(rows)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        append_durably(fd, buf.getvalue().encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def plot_losses(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    keys = (("loss", "loss"), ("ce_loss", "CE"), ("kd_loss", "KD (T²·D)")) if rows and rows[0]["kd_loss"] else (("loss", "loss"),)
-    for key, label in keys:
-        ax.plot([int(r["step"]) for r in rows], [float(r[key]) for r in rows], label=label)
-    ax.set(xlabel="optimizer step", ylabel="loss per target token", title="reflect-tune train")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def eval_loss(model, head: torch.Tensor, examples: list[Example], n: int, batch_size: int, pad_id: int,
-              setup: LossSetup, accelerator) -> float | None:
-    """Mean response-token cross-entropy of the model on the first `n` examples (the same ones before
-    and after training; no teacher term), or None when `n` is 0."""
-    n = min(n, len(examples))
-    if n == 0:
-        return None
-    ce_setup = dataclasses.replace(setup, teacher=None, kd_ratio=0.0)
-    total = tokens = 0.0
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():
-        for i in range(0, n, batch_size):  # unpacked, so every example is scored on its own
-            batch = collate([[e] for e in examples[i : min(i + batch_size, n)]], pad_id, packed=False)
-            batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            total += float(micro_batch_loss(model, head, batch, ce_setup).ce)
-            tokens += batch["tokens"]
-    model.train()
-    return round(total / max(tokens, 1), 6)
-
-
 def save_final(out: Path, model, tok, cfg: TrainConfig, meta: dict, accelerator) -> None:
     """The HF model (or adapter), tokenizer, config, log plot and provenance in OUTDIR."""
     tmp = out / ".final.tmp"
@@ -550,7 +487,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     hf_logging.disable_progress_bar()  # our own bar is enough
     out = Path(cfg.output)
     main_rank = os.environ.get("RANK", "0") == "0"
-    with exclusive(lock_beside(out), str(out)) if main_rank else nullcontext(), _writes_checked(out):
+    with exclusive(lock_beside(out), str(out)) if main_rank else nullcontext(), _writes_checked(out), ExitStack() as stack:
         # data: read, tokenized and checked before any weights load
         explain_empty_selection(cfg.data)
         records, report = load_records(cfg.data, format=cfg.format, split=cfg.split, on_duplicate="keep", on_empty="drop",
@@ -560,7 +497,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         tok = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
         if cfg.teacher:
             check_tokenizers(tok, load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code), cfg.model, cfg.teacher)
+        records, held_recs = heldout_records(cfg, records)
         examples, data_stats = build_examples(records, tok, cfg)
+        held = build_examples(held_recs, tok, cfg, source=cfg.eval_data or f"{cfg.data} (eval_split)")[0] if held_recs else []
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
         # processes, the output folder, the models
@@ -601,6 +540,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         meta = provenance("train", config_dict(cfg), inputs=[p for p in (cfg.data, resolve_model(cfg.model).path, teacher_path)
                                                             if p and Path(p).exists()])
         meta.update(data=data_stats, load_report=report.__dict__)  # meta["config"]: the config, redacted
+        if held_recs:
+            meta["data"]["heldout"] = {"records": len(held_recs), "examples": len(held), "source": cfg.eval_data or "eval_split"}
 
         # where to start: a checkpoint, or step 0
         step = tokens_seen = samples_seen = start_epoch = start_mb = 0
@@ -614,15 +555,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 start_epoch, start_mb = state["data_position"]["epoch"], state["data_position"]["micro_batch"]
                 resumed_from = str(ckpt)
                 log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
-        log_path, eval_path = out / "train_log.csv", out / "eval_before.json"
-        if main:
-            _append_log(log_path, [], keep_until=step)
-        if resumed_from and eval_path.is_file():  # measured before the first step of the run being resumed
-            loss_before = json.loads(eval_path.read_text())["loss"]
+        log_path, ce_path = out / "train_log.csv", out / "train_ce_before.json"
+        if main:  # a resume keeps the rows up to its checkpoint (eval rows included), a fresh start none
+            append_log(log_path, [], keep_until=step if resumed_from else -1)
+        old_ce_path = ce_path if ce_path.is_file() else out / "eval_before.json"  # the name before 0.2
+        if resumed_from and old_ce_path.is_file():  # measured before the first step of the run being resumed
+            loss_before = json.loads(old_ce_path.read_text())["loss"]
         else:
-            loss_before = eval_loss(model, head, examples, cfg.eval_samples, cfg.batch_size, pad_id, setup, acc) if step == 0 else None
+            loss_before = train_ce(model, head, examples, cfg.train_ce_samples, cfg.batch_size, pad_id, setup, acc) if step == 0 else None
             if main:
-                atomic_write_text(eval_path, json.dumps({"loss": loss_before, "examples": min(cfg.eval_samples, len(examples))}))
+                atomic_write_text(ce_path, json.dumps({"loss": loss_before, "examples": min(cfg.train_ce_samples, len(examples))}))
+        eval_bs = cfg.eval_batch_size or cfg.batch_size
+        tracker = stack.enter_context(open_tracker(cfg.report_to if main else "none", out, cfg.run_name or out.name,
+                                                   config_dict(cfg)))  # only the main process reports
+
+        def held_out_eval(epoch: float) -> Optional[dict]:
+            """The held-out losses now: a log row and tracker scalars at this step (main process)."""
+            result = measure(model, head, held, eval_bs, pad_id, setup, acc)
+            if main and result is not None:
+                row = eval_row(step, epoch, tokens_seen, result)
+                append_log(log_path, [row])
+                tracker.log(tracker_metrics(row), step)
+            return result
+
+        # the starting model's held-out losses: measured now, or (a resume) read from the log's step-0 row
+        heldout_before = (held_out_eval(0.0) if step == 0 else heldout_start(log_path)) if held else None
 
         # the loop
         run_start, run_tokens, last = time.time(), 0, {}
@@ -656,12 +613,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     samples_seen += sum(len(row) for mb in step_mbs for row in mb)
                     run_tokens += step_tokens
                     tps = run_tokens / max(time.time() - run_start, 1e-9)
-                    last = {"step": step, "epoch": round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4), "tokens": tokens_seen,
-                            "loss": f"{loss:.6f}", "ce_loss": f"{ce:.6f}", "kd_loss": f"{kd:.6f}" if cfg.teacher else "",
-                            "lr": f"{lr:.6g}", "grad_norm": f"{float(grad_norm) if grad_norm is not None else math.nan:.6f}",
-                            "tokens_per_s": f"{tps:.1f}", "wall_s": f"{time.time() - t0:.3f}"}
+                    at_epoch = round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4)
+                    last = train_row(step, at_epoch, tokens_seen, loss, ce, kd if cfg.teacher else None, lr, grad_norm, tps,
+                                     time.time() - t0)
                     if main:
-                        _append_log(log_path, [last])
+                        append_log(log_path, [last])
+                        tracker.log(tracker_metrics(last), step)
+                    if held and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                        held_out_eval(at_epoch)  # the last step's evaluation is the final one, below
                     progress.update(done=step, note=f"loss {loss:.4f}, {tps:,.0f} tok/s")
                     if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                         nxt = g0 + group
@@ -671,11 +630,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                          "data_position": position, "world_size": world, "config": meta["config"]},
                                         acc, cfg.keep_checkpoints)
 
-        # the end: the summary, the final folder
+        # the end: the held-out losses, the summary, the final folder
+        heldout_after = held_out_eval(float(last["epoch"]) if last else float(start_epoch)) if held else None
+        tracker.close()
         summary = {"steps": step, "total_steps": total_steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
                    "final_loss": float(last["loss"]) if last else None, "loss_before": loss_before,
-                   "loss_after": eval_loss(model, head, examples, cfg.eval_samples, cfg.batch_size, pad_id, setup, acc),
-                   "eval_examples": min(cfg.eval_samples, len(examples)), "vocab_size": setup.vocab_size,
+                   "loss_after": train_ce(model, head, examples, cfg.train_ce_samples, cfg.batch_size, pad_id, setup, acc),
+                   "eval_examples": min(cfg.train_ce_samples, len(examples)), "vocab_size": setup.vocab_size,
+                   "heldout": heldout_summary(held, heldout_before, heldout_after, cfg) if held else None,
                    "world_size": world, "lean_loss": lean, "resumed_from": resumed_from,
                    "wall_s": round(time.time() - run_start, 1)}
         meta["result"] = summary
