@@ -15,10 +15,10 @@ from typing import Annotated, Optional
 import typer
 
 from reflect_tune import __version__
-from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, user_errors, warn
+from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, json_object, user_errors, warn
 from reflect_tune.cli_eval import eval_command
 from reflect_tune.cli_judge import judge_command
-from reflect_tune.errors import ReflectTuneError, clip
+from reflect_tune.errors import ReflectTuneError
 
 app = typer.Typer(
     name="reflect-tune",
@@ -280,7 +280,7 @@ def reflect(
 
     with user_errors():
         config = ReflectConfig(
-            token_param=token_param.value, extra_body=_json_object(extra_body, "--extra-body"),
+            token_param=token_param.value, extra_body=json_object(extra_body, "--extra-body"),
             input=input, output=str(output), model=model, base_url=base_url, api_key_env=api_key_env,
             stages=tuple(s.strip() for s in stages.split(",") if s.strip()), concurrency=concurrency, rpm=rpm, tpm=tpm,
             max_tokens=max_tokens, temperature=temperature, limit=limit, dry_run=dry_run, batch_api=batch_api,
@@ -294,21 +294,6 @@ def reflect(
         )
         result = stage.run(config)
     _print_reflect(result, config)
-
-
-def _json_object(text: str | None, flag: str) -> dict | None:
-    """A flag's JSON object text as a dict (None when not given); anything else is one line naming the flag."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ReflectTuneError(f"{flag}: not valid JSON ({e}): {clip(text)}") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), "null")
-        raise ReflectTuneError(f"{flag}: expected a JSON object such as '{{\"reasoning_effort\": \"low\"}}', "
-                               f"got {kind}: {clip(text)}")
-    return value
 
 
 def _print_reflect(result, config) -> None:
@@ -593,6 +578,11 @@ def train(
     if summary.get("is_main", True):
         typer.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} target tokens "
                    f"(final loss {summary['final_loss']}); wrote {cfg.output}")
+        held = summary.get("heldout")
+        if held:
+            num = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+            kd = f"; KD term {num(held['kd_before'])} -> {num(held['kd_after'])}" if held.get("kd_loss") else ""
+            typer.echo(f"held-out ({held['examples']} examples): CE {num(held['ce_before'])} -> {num(held['ce_after'])}{kd}")
 
 
 @app.command("make-student")

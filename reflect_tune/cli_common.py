@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
 import typer
 
-from reflect_tune.errors import ReflectTuneError, one_line
+from reflect_tune.errors import ReflectTuneError, clip, one_line
 
 
 class TurnsPolicy(str, Enum):
@@ -52,3 +53,18 @@ def user_errors() -> Iterator[None]:
 def warn(lines: list[str]) -> None:
     for line in lines:
         typer.echo(f"warning: {line}", err=True)
+
+
+def json_object(text: str | None, flag: str) -> dict | None:
+    """A flag's JSON object text as a dict (None when not given); anything else is one line naming the flag."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ReflectTuneError(f"{flag}: not valid JSON ({e}): {clip(text)}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), "null")
+        raise ReflectTuneError(f"{flag}: expected a JSON object such as '{{\"reasoning_effort\": \"low\"}}', "
+                               f"got {kind}: {clip(text)}")
+    return value

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, user_errors
-from reflect_tune.errors import ReflectTuneError, clip
+from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, json_object, user_errors
 
 _SPEC = "Any model spec: bundled:NAME, an HF folder, a .gguf, a train output folder (LoRA: base + adapter)."
 
@@ -59,30 +57,15 @@ def judge_command(
     [bold]Example[/bold]: reflect-tune judge --model out/train --baseline bundled:smollm2-135m-instruct --data prompts.jsonl --judge gpt-4o-mini -o out/judge
     """
     from reflect_tune import judge as stage
-    from reflect_tune.config import JudgeConfig, from_values
+    from reflect_tune.config import JudgeConfig, field_types, from_values
 
     with user_errors():
-        values = dict(locals())
-        values.pop("no_progress")
+        values = {k: v for k, v in locals().items() if k in field_types(JudgeConfig)}
         values.update(output=str(output), prompt=str(prompt) if prompt else None, turns=turns.value,
                       cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress,
-                      extra_body=_json_object(extra_body))
-        for name in ("stage", "JudgeConfig", "from_values"):
-            values.pop(name, None)
+                      extra_body=json_object(extra_body, "--extra-body"))
         result = stage.run(from_values(JudgeConfig, values))
     _print(result)
-
-
-def _json_object(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ReflectTuneError(f"--extra-body: not valid JSON ({e}): {clip(text)}") from None
-    if not isinstance(value, dict):
-        raise ReflectTuneError(f"--extra-body: expected a JSON object, got {clip(text)}")
-    return value
 
 
 def _print(result: dict) -> None:

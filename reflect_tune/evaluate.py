@@ -32,13 +32,12 @@ from typing import Any, Iterator
 
 from reflect_tune.artifacts import check_output_folder, clear_folder, special_kind
 from reflect_tune.config import EvalConfig, SettingError
-from reflect_tune.errors import ModelError, ReflectTuneError, clip
+from reflect_tune.errors import ModelError, ReflectTuneError
 
 log = logging.getLogger(__name__)
 
 STAGE = "eval"
 OUTPUT_NAMES = ("results.json", "eval.json", "eval.md", "meta.json", "tensorboard", "trackio")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # settings that do not change the numbers: left out of the config hash
 _NOT_HASHED = ("output", "overwrite", "progress", "report_to", "run_name")
 _LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -94,44 +93,23 @@ class ModelPlan:
     base: str | None = None  # the adapter's base model spec
 
 
-def _adapter_base(folder: Path) -> str:
-    """The base model of a LoRA folder: train's meta.json (`config.model`), else PEFT's adapter_config.json."""
-    candidates = []
-    for name, keys in (("meta.json", ("config", "model")), ("adapter_config.json", ("base_model_name_or_path",))):
-        try:
-            value = json.loads((folder / name).read_text(encoding="utf-8"))
-            for k in keys:
-                value = value[k]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, str) and value:
-            candidates.append(value)
-    for c in candidates:
-        if Path(c).expanduser().exists() or not c.startswith((".", "/", "~")):
-            return c
-    if candidates:
-        raise ModelError(f"{folder}: a LoRA adapter whose base model {candidates[0]!r} is not found; "
-                         "run from the folder train ran in, or merge it (train --merge) and evaluate merged/")
-    raise ModelError(f"{folder}: a LoRA adapter folder without its base model (no meta.json config.model, "
-                     "no base_model_name_or_path in adapter_config.json)")
-
-
 def plan_model(spec: str) -> ModelPlan:
     """Cheap checks of a model spec (nothing is loaded or converted): it exists and has a tokenizer."""
-    from reflect_tune.models import BUNDLED_PREFIX, bundled_gguf_path, resolve_model
+    from reflect_tune.models import (BUNDLED_PREFIX, TOKENIZER_FILES, adapter_base, bundled_gguf_path, has_tokenizer,
+                                     is_adapter_folder, resolve_model)
 
     if spec.startswith(BUNDLED_PREFIX):
         bundled_gguf_path(spec[len(BUNDLED_PREFIX):])  # unknown or not installed: one line
         return ModelPlan(spec=spec)
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        base = _adapter_base(path)
+    if is_adapter_folder(spec):
+        base = adapter_base(path)
         plan_model(base)
         return ModelPlan(spec=spec, adapter=str(path), base=base)
     if special_kind(path) is None and path.is_file() and path.suffix.lower() == ".gguf":
         return ModelPlan(spec=spec)  # converted (once) when it loads
     resolved = resolve_model(spec)  # a folder or a hub id: no conversion happens here
-    if resolved.kind == "folder" and not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if resolved.kind == "folder" and not has_tokenizer(path):
         raise ModelError(f"{spec}: has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                          "save the tokenizer into the model folder (tokenizer.save_pretrained)")
     return ModelPlan(spec=spec)
@@ -141,23 +119,10 @@ def load_lm(plan: ModelPlan, cfg: EvalConfig):
     """lm-eval's HFLM around our model and tokenizer; a LoRA folder as PeftModel(base, adapter)."""
     from lm_eval.models.huggingface import HFLM
 
-    from reflect_tune.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+    from reflect_tune.models import load_with_adapter
 
-    if plan.adapter is None:
-        resolved = resolve_model(plan.spec)
-        tok = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-        model = load_model(resolved, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    else:
-        from peft import PeftModel
-
-        has_tok = any((Path(plan.adapter) / f).is_file() for f in TOKENIZER_FILES)  # train saves it there
-        where = ResolvedModel(spec=plan.spec, kind="folder", path=plan.adapter) if has_tok else plan.base
-        tok = load_tokenizer(where, trust_remote_code=cfg.trust_remote_code)
-        base = load_model(plan.base, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-        try:
-            model = PeftModel.from_pretrained(base, plan.adapter).eval()
-        except Exception as e:  # a damaged adapter, or one made for another base
-            raise ModelError(f"{plan.spec}: cannot apply the LoRA adapter to {plan.base}: {_first_line(e)}") from None
+    model, tok = load_with_adapter(plan.spec, merge=False, dtype=cfg.dtype, device=cfg.device,
+                                   trust_remote_code=cfg.trust_remote_code)
     return HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 

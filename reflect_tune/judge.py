@@ -31,9 +31,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from reflect_tune.cache import CacheFull
 from reflect_tune.config import JudgeConfig, SettingError
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip, register_secret
-from reflect_tune.teacher import ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
+from reflect_tune.teacher import ApiFailed, FatalApiError, Pending, TeacherClient, rough_tokens, wait_workers
 
 log = logging.getLogger("reflect_tune.judge")
 
@@ -173,20 +174,19 @@ def request_params(cfg: JudgeConfig) -> dict[str, Any]:
                   top_p=1.0, token_param=cfg.token_param, extra_body=cfg.extra_body)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_model(spec: str, flag: str, template: str) -> None:
     """The spec resolves (a LoRA train output: its base does), and its folder has a tokenizer
     (with a chat template for --template chat). Nothing is loaded."""
-    from reflect_tune.models import resolve_model
+    from reflect_tune.models import TOKENIZER_FILES, adapter_base, has_tokenizer, is_adapter_folder, resolve_model
 
     folder = Path(spec).expanduser()
-    if (folder / "adapter_config.json").is_file():
+    if is_adapter_folder(spec):
         if not any(folder.glob("adapter_model*.safetensors")):
             raise ModelError(f"{flag} {spec}: a LoRA adapter folder without adapter_model.safetensors")
         base = adapter_base(folder)
-        if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        if not has_tokenizer(folder):
             folder = Path(resolve_model(base).path)
         else:
             resolve_model(base)
@@ -195,8 +195,8 @@ def check_model(spec: str, flag: str, template: str) -> None:
         if resolved.kind == "hub":
             return
         folder = Path(resolved.path)
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelError(f"{flag} {spec}: no tokenizer in {folder} (expected one of {', '.join(_TOKENIZER_FILES)})")
+    if not has_tokenizer(folder):
+        raise ModelError(f"{flag} {spec}: no tokenizer in {folder} (expected one of {', '.join(TOKENIZER_FILES)})")
     if template == "chat" and not _has_chat_template(folder):
         raise ModelError(f"{flag} {spec}: its tokenizer has no chat template; pass --template alpaca")
 
@@ -208,20 +208,6 @@ def _has_chat_template(folder: Path) -> bool:
         return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def adapter_base(folder: Path) -> str:
-    """The base model of a LoRA train output: its meta.json's `config.model`, else the adapter's own note."""
-    for name, path in (("meta.json", ("config", "model")), ("adapter_config.json", ("base_model_name_or_path",))):
-        try:
-            value: Any = json.loads((folder / name).read_text(encoding="utf-8"))
-            for part in path:
-                value = value[part]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, str) and value:
-            return value
-    raise ModelError(f"{folder}: a LoRA adapter whose base model is named nowhere (meta.json, adapter_config.json)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,24 +265,9 @@ def read_answers(path: Path) -> dict[str, dict]:
 
 def load_side(spec: str, cfg: JudgeConfig):
     """(model, tokenizer) of a spec; a LoRA train output is its base with the adapter folded in."""
-    from reflect_tune.models import load_model, load_tokenizer
+    from reflect_tune.models import load_with_adapter
 
-    folder = Path(spec).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        return load_model(spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code), \
-            load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base = adapter_base(folder)
-    model = load_model(base, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
-    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
-        tok.pad_token = tok.pad_token or tok.eos_token
-    else:
-        tok = load_tokenizer(base, trust_remote_code=cfg.trust_remote_code)
-    return model, tok
+    return load_with_adapter(spec, merge=True, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
 
 def prompt_text(tok, rec, template: str) -> str:
@@ -425,16 +396,7 @@ async def walk(items: list[dict], client: TeacherClient, template: str, cfg: Jud
 
     tasks = [asyncio.create_task(worker()) for _ in range(min(cfg.concurrency, len(items)))]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        errors = [t.exception() for t in done if t.exception() is not None]
-        if errors:
-            first = next((e for e in errors if not isinstance(e, Stopped)), None)
-            client.stop(first or errors[0])
-            await client.settle()
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            raise first or client.stop_error
+        await wait_workers(client, tasks)
     finally:
         bar.close()
     return rows  # type: ignore[return-value]
@@ -445,6 +407,9 @@ async def _live(items, client: TeacherClient, template: str, cfg: JudgeConfig) -
         return await walk(items, client, template, cfg)
     except FatalApiError as e:
         raise FatalApiError(f"{e} — stopped; the replies so far are cached, rerun the same command to resume") from None
+    except CacheFull as e:  # a full disk: the replies already paid for are kept if they can be
+        lost = client.save_unsaved()
+        raise CacheFull(f"{e}" + (f"; {lost} paid replies could not be saved" if lost else "")) from None
     finally:
         await client.aclose()
 

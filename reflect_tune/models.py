@@ -369,3 +369,64 @@ def load_model(
     except Exception as e:  # transformers raises OSError, ValueError, SafetensorError... for bad folders
         raise _load_error(resolved, "model", e) from None
     return model.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------- train outputs with a LoRA adapter
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def is_adapter_folder(spec: str) -> bool:
+    """A LoRA adapter folder (a `train --lora` output): adapter_config.json and no full model."""
+    folder = Path(spec).expanduser()
+    return folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: str | os.PathLike) -> str:
+    """The base model of a LoRA folder: train's meta.json (`config.model`), else PEFT's
+    adapter_config.json (`base_model_name_or_path`); a local path that is gone is an error."""
+    folder = Path(folder)
+    candidates = []
+    for name, keys in (("meta.json", ("config", "model")), ("adapter_config.json", ("base_model_name_or_path",))):
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8"))
+            for k in keys:
+                value = value[k]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            candidates.append(value)
+    for c in candidates:
+        if Path(c).expanduser().exists() or not c.startswith((".", "/", "~")):
+            return c
+    if candidates:
+        raise ModelError(f"{folder}: a LoRA adapter whose base model {candidates[0]!r} is not found; "
+                         "run from the folder train ran in, or merge it (train --merge) and use merged/")
+    raise ModelError(f"{folder}: a LoRA adapter folder without its base model (no meta.json config.model, "
+                     "no base_model_name_or_path in adapter_config.json)")
+
+
+def load_with_adapter(spec: str, *, merge: bool, dtype: str = "auto", device: str = "auto",
+                      trust_remote_code: bool = False):
+    """(model, tokenizer) of any model spec; a LoRA folder is its base with the adapter applied
+    (`merge`: folded into the weights, else a PeftModel). The tokenizer is the adapter folder's
+    when train saved one there, else the base's."""
+    if not is_adapter_folder(spec):
+        tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+        return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code), tok
+    from peft import PeftModel
+
+    folder = Path(spec).expanduser()
+    base = adapter_base(folder)
+    where = ResolvedModel(spec=spec, kind="folder", path=str(folder)) if has_tokenizer(folder) else base
+    tok = load_tokenizer(where, trust_remote_code=trust_remote_code)
+    model = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, str(folder))
+    except Exception as e:  # a damaged adapter, or one made for another base
+        raise ModelError(f"{spec}: cannot apply the LoRA adapter to {base}: {_first_line(e)}") from None
+    return (model.merge_and_unload() if merge else model).eval(), tok

@@ -68,7 +68,8 @@ OWNED = {"student": ("output", "overwrite"),
          "judge": ("model", "baseline", "output", "progress", "overwrite", "format", "split", "turns")}
 # pipeline-only settings of a stage section (not a setting of the stage's command)
 EXTRA = {"select": ("holdout", "holdout_seed")}
-HELDOUT = "heldout.jsonl"  # in the select folder: the held-out records (alpaca JSON Lines), never scored or trained on
+# select's `holdout`: the records set aside before the first stage reads the data (so none is
+# reflected, scored, selected or trained on), in RUNS/NAME/holdout-KEY/ (heldout.jsonl, candidates.jsonl)
 # settings that change nothing in a stage's result: left out of its key
 # (reflect's base_url is left out like in the request cache's key: the model name identifies the teacher,
 # so a server that moved to another port or host keeps its finished work)
@@ -279,9 +280,11 @@ def plan(pipe: Pipeline) -> list[Stage]:
     A stage's key is computed from its settings and what it reads; its config is then built once,
     with the folder the key names as its output, and never edited afterwards."""
     stages: list[Stage] = []
-    data_id = {**_content_id(pipe.data), "format": pipe.format, "split": pipe.split}
-    if pipe.turns != "first":  # the default leaves the keys of earlier runs as they were
-        data_id["turns"] = pipe.turns
+    data_id = _data_id(pipe)
+    hold = holdout_plan(pipe, data_id)
+    if hold:  # the stages read the records that are not held out; the split's key hashes the data
+        data_id = {"holdout": hold["key"]}
+    source = hold["candidates"] if hold else pipe.data
     feed = ("data", data_id)  # what the next pair-reading stage reads: (label, identity)
     student_dir = None
     by_name: dict[str, Stage] = {}
@@ -296,7 +299,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         by_name[name] = st
 
     def from_data() -> dict[str, Any]:  # the top-level format and split, for the stage that reads `data`
-        return {"format": pipe.format, "split": pipe.split, "turns": pipe.turns} if feed[0] == "data" else {}
+        return {"format": pipe.format, "split": pipe.split, "turns": pipe.turns} if feed[0] == "data" and not hold else {}
 
     if "student" in pipe.sections:
         s = pipe.sections["student"]
@@ -313,7 +316,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         key, where = folder("reflect", keyed, up)
         # one request cache for the run: a changed setting (limit, stages) re-sends only new requests
         cache = s.get("cache_dir") or str(pipe.folder / "reflect-cache")
-        cfg = ReflectConfig(**{**s, "cache_dir": cache}, input=pipe.data, output=str(where / "reflected.jsonl"), **from_data())
+        cfg = ReflectConfig(**{**s, "cache_dir": cache}, input=source, output=str(where / "reflected.jsonl"), **from_data())
         add("reflect", key, where, cfg, up)
         feed = ("reflect", key)
     model_note = {"model": by_name["student"].key} if student_dir else {}
@@ -332,14 +335,9 @@ def plan(pipe: Pipeline) -> list[Stage]:
             if s.get(name) and keyed.get(name) != "student":
                 up[name] = _model_id(s[name])
         key, where = folder("select", keyed, up)
-        hold = {k: s.pop(k) for k in EXTRA["select"] if k in s}
-        source = _feed_path(by_name, feed, pipe)
-        if hold:  # the held-out records are set aside first: selection reads the rest (see _hold_out)
-            hold = {"fraction": hold["holdout"], "seed": hold.get("holdout_seed", 42), "source": source,
-                    "source_format": from_data(), "heldout": str(where / HELDOUT)}
-            cfg = SelectConfig(**s, input=str(where / "candidates.jsonl"), output=str(where / "selected.jsonl"))
-        else:
-            cfg = SelectConfig(**s, input=source, output=str(where / "selected.jsonl"), **from_data())
+        for extra in EXTRA["select"]:
+            s.pop(extra, None)
+        cfg = SelectConfig(**s, input=_feed_path(by_name, feed, source), output=str(where / "selected.jsonl"), **from_data())
         add("select", key, where, cfg, up, **({"holdout": hold} if hold else {}))
         feed = ("select", key)
     if "train" in pipe.sections:
@@ -357,15 +355,14 @@ def plan(pipe: Pipeline) -> list[Stage]:
             up["model"] = _model_id(s["model"])
         if s.get("teacher"):
             up["teacher"] = _model_id(s["teacher"])
-        heldout = by_name["select"].extra.get("holdout") if "select" in by_name else None
-        if heldout and not s.get("eval_data") and not s.get("eval_split"):
-            s["eval_data"] = heldout["heldout"]  # the select stage's held-out records (in its keyed folder)
-            keyed["eval_data"] = f"select:{HELDOUT}"
+        if hold and not s.get("eval_data") and not s.get("eval_split"):
+            s["eval_data"] = hold["heldout"]  # the held-out records (the split's key is in the upstream's)
+            keyed["eval_data"] = "holdout"
         elif s.get("eval_data"):  # by content, like the data
             keyed.pop("eval_data")
             up["eval_data"] = _content_id(s["eval_data"])
         key, where = folder("train", keyed, up)
-        add("train", key, where, TrainConfig(**s, data=_feed_path(by_name, feed, pipe), output=str(where), **from_data()), up)
+        add("train", key, where, TrainConfig(**s, data=_feed_path(by_name, feed, source), output=str(where), **from_data()), up)
     for name in ("eval", "judge"):
         if name in pipe.sections and "train" not in by_name:
             raise ReflectTuneError(f"{pipe.where(name)}: {name}: compares the trained student with its starting point; "
@@ -382,23 +379,41 @@ def plan(pipe: Pipeline) -> list[Stage]:
         add("eval", key, where, after, up, before=dataclasses.replace(after, model=tr.config.model, output=str(where / "before")))
     if "judge" in pipe.sections:
         s, tr = dict(pipe.sections["judge"]), by_name["train"]
-        heldout = by_name["select"].extra.get("holdout") if "select" in by_name else None
-        if not s.get("data") and not heldout:
+        if not s.get("data") and not hold:
             raise ReflectTuneError(f"{pipe.where('judge')}: judge: setting 'data': required without a select 'holdout' "
                                    "(the held-out prompts are judged by default)")
         keyed = {k: v for k, v in s.items() if k not in UNKEYED["judge"] and k not in ("data", "prompt")}
-        up = {"train": tr.key, "data": _content_id(s["data"]) if s.get("data") else f"select:{HELDOUT}"}
+        up = {"train": tr.key, "data": _content_id(s["data"]) if s.get("data") else {"holdout": hold["key"]}}
         if s.get("prompt"):
             up["prompt"] = _content_id(s["prompt"])
         key, where = folder("judge", keyed, up)
-        data = {"data": s.pop("data")} if s.get("data") else {"data": heldout["heldout"]}
+        data = {"data": s.pop("data")} if s.get("data") else {"data": hold["heldout"]}
         add("judge", key, where, JudgeConfig(**s, **data, model=str(tr.folder), baseline=tr.config.model, output=str(where)), up)
     return stages
 
 
-def _feed_path(by_name: dict[str, Stage], feed: tuple[str, Any], pipe: Pipeline) -> str:
+def _data_id(pipe: Pipeline) -> dict[str, Any]:
+    data_id = {**_content_id(pipe.data), "format": pipe.format, "split": pipe.split}
+    if pipe.turns != "first":  # the default leaves the keys of earlier runs as they were
+        data_id["turns"] = pipe.turns
+    return data_id
+
+
+def holdout_plan(pipe: Pipeline, data_id: dict[str, Any]) -> dict[str, Any] | None:
+    """select's `holdout` (and `holdout_seed`, default 42): where the split of the data goes."""
+    s = pipe.sections.get("select") or {}
+    if "holdout" not in s:
+        return None
+    fraction, seed = s["holdout"], s.get("holdout_seed", 42)
+    key = stage_key("holdout", {"fraction": fraction, "seed": seed}, {"data": data_id})
+    where = pipe.folder / f"holdout-{key}"
+    return {"fraction": fraction, "seed": seed, "key": key, "folder": str(where),
+            "candidates": str(where / "candidates.jsonl"), "heldout": str(where / "heldout.jsonl")}
+
+
+def _feed_path(by_name: dict[str, Stage], feed: tuple[str, Any], source: str) -> str:
     if feed[0] == "data":
-        return pipe.data
+        return source
     st = by_name[feed[0]]
     return str(st.folder / ("reflected.jsonl" if feed[0] == "reflect" else "selected.jsonl"))
 
@@ -479,6 +494,9 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
             check_source(pipe.data, format=pipe.format, split=pipe.split)
         except ReflectTuneError as e:
             raise ReflectTuneError(f"{pipe.where('data')}: data: {e}") from None
+    hold = holdout_plan(pipe, _data_id(pipe))
+    if hold and any(not st.done for st in stages):
+        _hold_out(pipe, hold)  # cheap and the same every time; the stages' checks read its files
     for st in stages:
         if st.done:
             continue
@@ -489,8 +507,7 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
                 st.folder.mkdir(parents=True, exist_ok=True)
                 reflect.validate(st.config)
             elif st.name == "select":
-                source = st.extra["holdout"]["source"] if "holdout" in st.extra else st.config.input
-                selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(source))
+                selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(st.config.input))
             elif st.name == "train":
                 train.validate(dataclasses.replace(st.config, resume=_started(st.folder),
                                                    eval_data=_exists_or(st.config.eval_data, pipe.data)))
@@ -571,8 +588,6 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
             return {"status": f"{failed} requests failed after every retry (api_failed, see "
                               f"{st.config.output}); the next run retries only those"}
     else:
-        if "holdout" in st.extra:
-            _hold_out(st.extra["holdout"], st.config.input)
         summary = selection.run(dataclasses.replace(st.config, progress=progress)).summary
         if "holdout" in st.extra:
             summary["heldout"] = _count_lines(Path(st.extra["holdout"]["heldout"]))
@@ -582,35 +597,30 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
     return summary
 
 
-def _hold_out(hold: dict[str, Any], candidates: str) -> None:
-    """Split select's input by record id (records.split_holdout: seeded, stable per id): the held-out
-    records go to heldout.jsonl (their original pairs, alpaca), the rest to `candidates`, which
-    selection then reads. A reflect output is filtered line by line, so nothing of it is rewritten."""
+def _hold_out(pipe: Pipeline, hold: dict[str, Any]) -> None:
+    """Split the data by record id (records.split_holdout: seeded, stable per id) into heldout.jsonl
+    and candidates.jsonl (alpaca JSON Lines, ids kept), which the stages read instead of `data`.
+    Written once (meta.json last); the same data and settings always give the same files."""
     from reflect_tune.convert import record_to_row, write_rows
     from reflect_tune.records import load_records, split_holdout
 
-    source = hold["source"]
-    if is_reflected(source):
-        lines = [line for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = [json.loads(line) for line in lines]
-        keep, held = split_holdout(rows, hold["fraction"], hold["seed"])
-        held_ids = {r["id"] for r in held}
-        heldout = [{"id": r["id"], **{k: r["original"].get(k, "") for k in ("instruction", "input", "output")},
-                    **({"system": r["original"]["system"]} if r["original"].get("system") else {})}
-                   for r in rows if r["id"] in held_ids]
-        text = "".join(line + "\n" for line, r in zip(lines, rows) if r["id"] not in held_ids)
-        atomic_write_text(Path(candidates), text)
-    else:
-        fmt = hold["source_format"]
-        records, _ = load_records(source, format=fmt.get("format"), split=fmt.get("split"), turns=fmt.get("turns", "first"))
-        keep, held = split_holdout(records, hold["fraction"], hold["seed"])
-        system = any(r.system for r in records)
-        write_rows([record_to_row(r, "alpaca", with_system=system) for r in keep], candidates)
-        heldout = [record_to_row(r, "alpaca", with_system=system) for r in held]
-    if not heldout:
-        raise ReflectTuneError(f"select: holdout {hold['fraction']} of {len(keep)} records holds out none; "
-                               "raise it or use more data")
-    write_rows(heldout, hold["heldout"])
+    where = Path(hold["folder"])
+    if (where / "meta.json").is_file():
+        return
+    records, _ = load_records(pipe.data, format=pipe.format, split=pipe.split, turns=pipe.turns)
+    keep, held = split_holdout(records, hold["fraction"], hold["seed"])
+    if not held or not keep:
+        raise ReflectTuneError(f"{pipe.where('select', 'holdout')}: select: setting 'holdout': {hold['fraction']} of "
+                               f"{len(records)} records holds out {len(held)}; choose a fraction that leaves both sides "
+                               "some records (or another holdout_seed)")
+    system = any(r.system for r in records)
+    where.mkdir(parents=True, exist_ok=True)
+    write_rows([record_to_row(r, "alpaca", with_system=system) for r in keep], hold["candidates"])
+    write_rows([record_to_row(r, "alpaca", with_system=system) for r in held], hold["heldout"])
+    meta = provenance("holdout", {"data": pipe.data, "fraction": hold["fraction"], "seed": hold["seed"]},
+                      inputs=[pipe.data] if Path(pipe.data).exists() else [])
+    meta.update(key=hold["key"], records=len(records), heldout=len(held), candidates=len(keep))
+    write_meta(where, meta)
 
 
 def _count_lines(path: Path) -> int:

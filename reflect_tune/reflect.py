@@ -41,7 +41,7 @@ from reflect_tune.layout import (
     response_format,
 )
 from reflect_tune.prices import PRICES, PRICES_DATE, table_row
-from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, Stopped, TeacherClient, rough_tokens
+from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, TeacherClient, rough_tokens, wait_workers
 from reflect_tune.teacher import request_params as teacher_params
 
 log = logging.getLogger("reflect_tune.reflect")
@@ -392,17 +392,7 @@ async def walk(records, client: TeacherClient, prompts: Prompts, config: Reflect
     workers = [asyncio.create_task(worker()) for _ in range(min(config.concurrency, len(records)))]
     client.on_update = bar.refresh
     try:
-        done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-        errors = [t.exception() for t in done if t.exception() is not None]
-        if errors:
-            # send nothing more, but let the requests on the wire answer and reach the cache: paid for
-            first = next((e for e in errors if not isinstance(e, Stopped)), None)
-            client.stop(first or errors[0])
-            await client.settle()
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            raise first or client.stop_error
+        await wait_workers(client, workers)
     finally:
         bar.close()
         client.on_update = None

@@ -133,7 +133,7 @@ def _eval_md(st, meta: dict) -> list[str]:
              "| measure | before | after | change |", "| --- | ---: | ---: | ---: |"]
     h = s.get("heldout")
     if h:
-        where = "select's held-out records" if str(h.get("source", "")).endswith("heldout.jsonl") else h.get("source")
+        where = "the pipeline's held-out records" if str(h.get("source", "")).endswith("heldout.jsonl") else h.get("source")
         lines.append(f"| held-out response-token CE ({h.get('examples')} examples, {where}) | {_fmt(h.get('ce_before'))} | "
                      f"{_fmt(h.get('ce_after'))} | {_change(h.get('ce_before'), h.get('ce_after'))} |")
         if h.get("kd_before") is not None:

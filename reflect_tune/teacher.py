@@ -383,6 +383,22 @@ class Stopped(Exception):
     """A request that was not sent because the run is stopping (`TeacherClient.stop_error` says why)."""
 
 
+async def wait_workers(client: "TeacherClient", workers: list) -> None:
+    """Wait for the worker tasks of a stage. On the first error, send nothing more but let the
+    requests on the wire answer and reach the cache (they are paid for), cancel the other
+    workers, and raise that error (the first that is not the resulting `Stopped`)."""
+    done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+    errors = [t.exception() for t in done if t.exception() is not None]
+    if errors:
+        first = next((e for e in errors if not isinstance(e, Stopped)), None)
+        client.stop(first or errors[0])
+        await client.settle()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise first or client.stop_error
+
+
 class TeacherClient:
     """An OpenAI-compatible chat client with a cache, limits, retries and statistics.
 

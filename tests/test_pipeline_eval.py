@@ -95,14 +95,16 @@ def test_heldout_eval_and_judge_stages_end_to_end(tmp_path, tiny_model_dir):
         calls = fake.stats()["chat_requests"]
         dirs = {s["name"]: tmp_path / "runs" / "ev" / s["folder"] for s in record["stages"]}
         assert [s["status"] for s in record["stages"]] == ["done"] * 4
+        (hold_dir,) = (tmp_path / "runs" / "ev").glob("holdout-*")
 
         # the held-out records: the id-stable split of the data, never scored, never trained on
         records, _ = load_records(tmp_path / "data.jsonl")
         _, expected = split_holdout(records, 0.25, 7)
-        held = [json.loads(x) for x in (dirs["select"] / "heldout.jsonl").read_text().splitlines()]
+        held = [json.loads(x) for x in (hold_dir / "heldout.jsonl").read_text().splitlines()]
         assert [h["id"] for h in held] == [r.id for r in expected] and 0 < len(held) < len(rows)
+        assert held[0]["output"] == next(r.output for r in records if r.id == held[0]["id"])  # the pair as it was
         held_ids = {h["id"] for h in held}
-        candidates = [json.loads(x)["id"] for x in (dirs["select"] / "candidates.jsonl").read_text().splitlines()]
+        candidates = [json.loads(x)["id"] for x in (hold_dir / "candidates.jsonl").read_text().splitlines()]
         assert len(candidates) == len(rows) - len(held) and not held_ids & set(candidates)
         selected = [json.loads(x)["id"] for x in (dirs["select"] / "selected.jsonl").read_text().splitlines()]
         assert selected and not held_ids & set(selected)
@@ -111,7 +113,7 @@ def test_heldout_eval_and_judge_stages_end_to_end(tmp_path, tiny_model_dir):
 
         # train measured its held-out loss on exactly those records
         train_meta = json.loads((dirs["train"] / "meta.json").read_text())
-        assert train_meta["config"]["eval_data"] == str(dirs["select"] / "heldout.jsonl")
+        assert train_meta["config"]["eval_data"] == str(hold_dir / "heldout.jsonl")
         h = train_meta["result"]["heldout"]
         assert h["examples"] == len(held) and h["ce_before"] != h["ce_after"]
 
@@ -141,3 +143,25 @@ def test_heldout_eval_and_judge_stages_end_to_end(tmp_path, tiny_model_dir):
         again = run_pipeline(path, runs_dir=str(tmp_path / "runs"), progress=False)
         assert all(s["skipped"] for s in again["stages"]) and fake.stats()["chat_requests"] == calls
         assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_holdout_is_set_aside_before_reflect_so_no_teacher_call_is_spent_on_it(tmp_path, tiny_model_dir):
+    rows = ROWS[:12]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    with FakeOpenAI(record_bodies=True) as fake:
+        c = {"name": "rf", "data": "data.jsonl",
+             "reflect": {"model": "fake-model", "base_url": fake.base_url, "max_tokens": 32},
+             "select": {"model": str(tiny_model_dir), "top": 0.5, "holdout": 0.3}}
+        run_pipeline(write(tmp_path, c), runs_dir=str(tmp_path / "runs"), progress=False)
+        records, _ = load_records(tmp_path / "data.jsonl")
+        keep, held = split_holdout(records, 0.3, 42)
+        assert held and keep
+        (reflected_file,) = (tmp_path / "runs" / "rf").glob("reflect-*/reflected.jsonl")
+        reflected = [json.loads(x)["id"] for x in reflected_file.read_text().splitlines()]
+        assert reflected == [r.id for r in keep]  # the held-out records never reached the teacher
+        assert fake.stats()["chat_requests"] <= 3 * len(keep)
+        sent = " ".join(json.dumps(e["body"]) for e in fake.stats()["log"])
+        assert all(json.dumps(r.instruction)[1:-1] not in sent for r in held)
+        assert all(json.dumps(r.instruction)[1:-1] in sent for r in keep)
+        (select_dir,) = (tmp_path / "runs" / "rf").glob("select-*")
+        assert json.loads((select_dir / "meta.json").read_text())["summary"]["heldout"] == len(held)
