@@ -37,6 +37,8 @@ bench: install
 	$(BIN)/python bench/bench_local_teacher.py
 	$(BIN)/python bench/bench_score.py
 	$(BIN)/python bench/bench_kd_loss.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_eval.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_judge.py
 	$(BIN)/python bench/bench_demo.py
 
 clean:

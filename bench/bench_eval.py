@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, torch_line  # noqa: E402  (bench/ is on sys.path)
+from common import machine, torch_line, write_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "examples" / "lm_eval_tasks" / "reflect_tiny_mc.yaml"
@@ -67,6 +67,7 @@ def via_lm_eval(yamls: list[Path], batch_size: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -116,6 +117,8 @@ def main() -> None:
         "reflect_tune.models instead of HFLM).",
     ]
     print("\n".join(lines))
+    if not args.no_write:
+        write_section(ROOT / "docs" / "BENCHMARKS.md", lines[0], "\n".join(lines))
 
 
 if __name__ == "__main__":

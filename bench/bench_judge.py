@@ -9,7 +9,7 @@
    latency with the `longer` verdict rule; both orders per prompt, fresh request cache, so every
    request is sent. Rate = prompts judged / wall time of the run (answers read, requests, outputs).
 
-Prints a Markdown section for docs/BENCHMARKS.md (append it by hand).
+Writes its section into docs/BENCHMARKS.md (replacing an earlier one) unless --no-write.
 
     REFLECT_TUNE_CACHE=/tmp/rt-cache HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_judge.py [--prompts 64] [--latency 0.2]
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import machine, torch_line  # noqa: E402
+from common import machine, torch_line, write_section  # noqa: E402
 
 
 def tiny(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
@@ -42,6 +42,7 @@ def tiny(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -96,6 +97,8 @@ def main() -> None:
               "scale the rate by concurrency / latency. `transformers serve` as the judge was not measured here "
               "(a 135M judge on 2 shared cores answers in seconds per request; see the slow test).", ""]
     print("\n".join(lines))
+    if not args.no_write:
+        write_section(ROOT / "docs" / "BENCHMARKS.md", lines[0], "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #      layout's markers for it: a 135M model cannot keep to them behind a server.
 #
 # Settings by environment: PIPELINE (default examples/pipeline.yaml), RUNS_DIR (default runs),
-# DEMO_LIMIT (pairs to reflect, 16), DEMO_MAX_TOKENS (per block of a teacher reply, 64).
+# DEMO_LIMIT (pairs to reflect, 12), DEMO_MAX_TOKENS (per block of a teacher reply, 64).
 # Rerunning it skips the finished stages and resumes an interrupted one: delete runs/demo to start over.
 # The HTTP path (`transformers serve` as the teacher) is what tests/test_reflect_serve.py runs.
 set -euo pipefail

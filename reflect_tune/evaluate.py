@@ -72,6 +72,14 @@ def validate(cfg: EvalConfig) -> None:
         clear_folder(out, STAGE, OUTPUT_NAMES, check_only=True)  # refuses a folder eval did not write
 
 
+def check_tasks(cfg: EvalConfig) -> None:
+    """Build the tasks once, quietly, and drop them: an unknown task or a broken YAML fails now,
+    as one line (the pipeline calls this before training, so a typo does not wait for the end)."""
+    quiet_lm_eval()
+    with harness_output(False):
+        build_tasks(cfg)
+
+
 def config_hash(cfg: EvalConfig) -> str:
     """First 12 hex of sha256 over the settings that decide the numbers (not output, progress...)."""
     from reflect_tune.artifacts import redact

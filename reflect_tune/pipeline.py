@@ -527,6 +527,7 @@ def _validate_comparison(st: Stage, pipe: Pipeline) -> None:
     if st.name == "eval":
         if st.config.tasks:
             evaluate.validate(st.config if trained.is_file() else st.extra["before"])
+            evaluate.check_tasks(st.config)  # a task that cannot load stops the run before training
         return
     cfg = st.config if trained.is_file() else dataclasses.replace(st.config, model=st.config.baseline)
     judge.validate(dataclasses.replace(cfg, data=_exists_or(cfg.data, pipe.data)))

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -122,3 +127,48 @@ def one_error_line(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_teacher(bundled_dir, tmp_path_factory):
+    """`transformers serve` with the bundled model, started once for the session (reflect and judge tests);
+    yields (base_url, model name); always stopped."""
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.exists():
+        pytest.fail("the `transformers` CLI is missing: install the [serve] extra (make install does)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [str(exe), "serve", str(bundled_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--continuous-batching",
+             # a small paged KV cache (8192 tokens, ~0.4 GB); by default it takes a share of all memory
+             "--cb-block-size", "128", "--cb-num-blocks", "64"],
+            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # bounded wait for the port to answer
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=2).read()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers HTTP: it is up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"transformers serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+        yield base + "/v1", str(bundled_dir)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -108,7 +108,7 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     assert "student: finished earlier, skipped" in text and "reflect: resuming" in text
     record = json.loads((folder / "run.json").read_text())
     assert [(s["name"], s["status"]) for s in record["stages"]] == [
-        ("student", "done"), ("reflect", "done"), ("select", "done"), ("train", "done")]
+        ("student", "done"), ("reflect", "done"), ("select", "done"), ("train", "done"), ("eval", "done")]
     dirs = {s["name"]: folder / s["folder"] for s in record["stages"]}
     check_artifacts(folder, dirs, bundled_dir)
 
@@ -116,7 +116,7 @@ def test_demo_shortened_end_to_end(tmp_path, bundled_dir):
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name not in ("run.json", "summary.md")}
     again = run_cli("run", str(ROOT / "examples" / "pipeline.yaml"), "--runs-dir", str(runs), env=SHORT)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("(skipped: finished earlier)") == 4
+    assert again.stdout.count("(skipped: finished earlier)") == 5
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # 4. a broken pipeline file: one line, exit 2, nothing run
@@ -178,13 +178,31 @@ def check_artifacts(folder: Path, dirs: dict[str, Path], bundled_dir: Path) -> N
     assert (dirs["train"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (dirs["train"] / "model.safetensors").is_file() and (dirs["train"] / "train_log.csv").is_file()
     with open(dirs["train"] / "train_log.csv", newline="") as fh:
-        steps = list(csv.DictReader(fh))
+        log_rows = list(csv.DictReader(fh))
+    steps = [r for r in log_rows if r["kind"] == "train"]
     # The KD term was on, and the teacher (30 layers) differs from its 15-layer student, so it is well
     # above zero at every step. Measured: 11.51 at step 1, 5.47 at its lowest (step 5); floor 0.5.
     assert len(steps) == result["steps"] and all(float(r["kd_loss"]) > 0.5 for r in steps), \
         [r["kd_loss"] for r in steps]
+    # held-out: the 6 records the holdout set aside (never reflected), measured at step 0 and at the end
+    (hold_dir,) = folder.glob("holdout-*")
+    held_ids = {json.loads(x)["id"] for x in (hold_dir / "heldout.jsonl").read_text().splitlines()}
+    assert len(held_ids) == 6 and not held_ids & {r["id"] for r in rows}
+    held = result["heldout"]
+    assert held["examples"] == 6 and train_meta["config"]["eval_data"] == str(hold_dir / "heldout.jsonl")
+    evals = [r for r in log_rows if r["kind"] == "eval"]
+    assert [int(r["step"]) for r in evals][0] == 0 and int(evals[-1]["step"]) == result["steps"]
+    assert float(evals[0]["eval_ce"]) == pytest.approx(held["ce_before"], rel=1e-5)
+    assert float(evals[-1]["eval_ce"]) == pytest.approx(held["ce_after"], rel=1e-5)
+    # eval: the tiny local lm-eval task on the starting and the trained student
+    before = json.loads((dirs["eval"] / "before" / "eval.json").read_text())
+    after = json.loads((dirs["eval"] / "after" / "eval.json").read_text())
+    assert before["model"] == str(dirs["student"]) and after["model"] == str(dirs["train"])
+    assert before["tasks"] == after["tasks"] == ["reflect_tiny_mc"] and after["items"] == 12
     # summary.md: counts per decision, score distributions, loss before/after, teacher usage, plots
     summary = (folder / "summary.md").read_text()
+    assert "## Evaluation: before and after training" in summary
+    assert "| held-out response-token CE (6 examples" in summary
     ok, total = statuses.count("ok"), len(statuses)
     assert f"**{ok} of {total} variants ok ({100 * ok / total:.0f}%)**" in summary and "in this process" in summary
     for text in ("## Teacher usage (reflect)", "| requests answered |", "## Selection", "| final | selected |",

@@ -235,5 +235,3 @@ def test_judge_through_transformers_serve(tmp_path, models, served_teacher):
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "out" / "judge.json").read_text())["requests_sent"] == 0
 
-
-from test_reflect_serve import served_teacher  # noqa: E402,F401  (the module-scoped server fixture)
