@@ -472,7 +472,7 @@ def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, prog
                          error=one_line(str(e), 500) if str(e) else type(e).__name__)
             try:
                 _save_record(pipe, record)
-                write_summary(pipe, stages)
+                write_summary(pipe, stages, holdout_plan(pipe, _data_id(pipe)))
             except OSError:  # a full disk: the stage's own error is the one to report
                 pass
             raise
@@ -482,7 +482,7 @@ def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, prog
         if not st.done:  # a Batch API job submitted with no_wait: its results come on a later run
             log.warning("%s: %s; run the pipeline again to collect", st.name, result.get("status", "not finished"))
             break
-    write_summary(pipe, stages)
+    write_summary(pipe, stages, holdout_plan(pipe, _data_id(pipe)))
     return record
 
 

@@ -30,12 +30,17 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def write_summary(pipe, stages) -> Path:
-    """summary.md from what the stage folders hold (finished stages only)."""
+def write_summary(pipe, stages, hold: dict | None = None) -> Path:
+    """summary.md from what the stage folders hold (finished stages only); `hold`: the holdout's plan."""
     out = [f"# reflect-tune run `{pipe.name}`", "",
            f"Config: `pipeline.yaml` (copied from `{pipe.path}`). Data: `{pipe.data}`.", "",
            "| stage | folder | status |", "| --- | --- | --- |"]
     out += [f"| {s.name} | `{s.folder.name}/` | {'done' if s.done else 'not finished'} |" for s in stages]
+    meta = read_json(Path(hold["folder"]) / "meta.json") if hold else None
+    if meta:
+        out += ["", f"Held out before any stage read the data (select's `holdout` {hold['fraction']}, seed {hold['seed']}): "
+                    f"**{meta.get('heldout')} of {meta.get('records')} records**, never reflected, scored, selected or "
+                    f"trained on (`{Path(hold['folder']).name}/heldout.jsonl`)."]
     for st in stages:
         meta = read_json(st.folder / "meta.json") if st.done else None
         if meta is None:

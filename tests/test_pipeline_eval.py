@@ -125,6 +125,7 @@ def test_heldout_eval_and_judge_stages_end_to_end(tmp_path, tiny_model_dir):
         assert acc(before)["samples"] == 4 == acc(after)["samples"]
         summary = (tmp_path / "runs" / "ev" / "summary.md").read_text()
         assert "## Evaluation: before and after training" in summary
+        assert f"**{len(held)} of {len(rows)} records**, never reflected, scored, selected or trained on" in summary
         ce_row = next(line for line in summary.splitlines() if line.startswith("| held-out response-token CE"))
         assert f"{h['ce_before']:.4g}" in ce_row and f"{h['ce_after']:.4g}" in ce_row
         mc_row = next(line for line in summary.splitlines() if line.startswith("| reflect_tiny_mc acc ("))
