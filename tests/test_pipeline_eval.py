@@ -168,10 +168,9 @@ def test_holdout_is_set_aside_before_reflect_so_no_teacher_call_is_spent_on_it(t
         assert json.loads((select_dir / "meta.json").read_text())["summary"]["heldout"] == len(held)
 
 
-def test_a_task_that_cannot_load_stops_the_run_before_any_training(tmp_path):
+def test_a_task_that_cannot_load_stops_the_run_before_any_training(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "data.jsonl", ROWS[:8])
-    c = config(Path(tmp_path / "no-model"))
-    c["select"]["model"] = c["train"]["model"] = "bundled:smollm2-135m-instruct"
+    c = config(tiny_model_dir)
     c["eval"]["tasks"] = ["no_such_task_rt"]
     with pytest.raises(ReflectTuneError, match="no_such_task_rt") as err:
         run_pipeline(write(tmp_path, c), runs_dir=str(tmp_path / "runs"), progress=False)
