@@ -72,8 +72,8 @@ from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, load_records
 from reflect_tune.templates import alpaca_prompt
 from reflect_tune.tracking import check_report_to, open_tracker
-from reflect_tune.train_log import (append_log, eval_row, held_out, heldout_records, heldout_start, heldout_summary, measure,
-                                    plot_losses, tracker_metrics, train_ce, train_row)
+from reflect_tune.train_log import (append_log, eval_row, held_out, heldout_records, heldout_start, heldout_summary,
+                                    plot_losses, tracker_metrics, train_row)
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,48 @@ def micro_batch_loss(student: torch.nn.Module, head: torch.Tensor, batch: dict, 
         return chunked_distill_loss(h_s, head.to(h_s.dtype) if head.dtype != h_s.dtype else head, targets, t_out, w_t,
                                     chunk_size=setup.chunk_size, **kd)
     return naive_distill_loss(student(**inputs, hidden=False), targets, t_out, **kd)
+
+
+def measure(model, head: torch.Tensor, examples: list, batch_size: int, pad_id: int, setup: Any, acc) -> dict | None:
+    """Response-token CE (and, with `setup.teacher`, the KD term T²·D, computed as training does) of the
+    model on `examples`, each scored on its own (unpacked). {ce, kd, tokens, examples}, or None for none.
+
+    Every process scores its share and the token *sums* are added over processes before dividing,
+    so the numbers are those of one process. Each process runs the same number of forwards (a
+    process short of examples runs one with no targets), as DDP and FSDP need. The model is put in
+    eval mode, without gradients, and the RNG state is restored after, so training is not changed.
+    """
+    if not examples:
+        return None
+    world, rank = acc.num_processes, acc.process_index
+    rounds = math.ceil(len(examples) / (batch_size * world))
+    sums = torch.zeros(3, dtype=torch.float64)
+    was_training = model.training
+    cuda = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), acc.autocast():
+        model.eval()
+        try:
+            for k in range(rounds):
+                lo = (k * world + rank) * batch_size
+                part = examples[lo : lo + batch_size]
+                batch = collate([[e] for e in (part or examples[:1])], pad_id, packed=False)
+                if not part:  # nothing left for this process: a forward that counts no token
+                    batch.update(targets=torch.full_like(batch["targets"], IGNORE_INDEX), tokens=0)
+                batch = {k2: (v.to(acc.device) if torch.is_tensor(v) else v) for k2, v in batch.items()}
+                out = micro_batch_loss(model, head, batch, setup)
+                sums += torch.tensor([float(out.ce), float(out.kd), batch["tokens"]], dtype=torch.float64)
+        finally:
+            model.train(was_training)
+    ce, kd, tokens = acc.reduce(sums.to(acc.device), "sum").tolist()
+    return {"ce": ce / max(tokens, 1), "kd": kd / max(tokens, 1) if setup.teacher is not None else None,
+            "tokens": int(tokens), "examples": len(examples)}
+
+
+def train_ce(model, head, examples: list, n: int, batch_size: int, pad_id: int, setup: Any, acc) -> float | None:
+    """Mean response-token CE on the first `n` *training* examples (no teacher term); None when n is 0.
+    Not held-out: it shows how well the model fits what it trains on (train_ce_before.json)."""
+    result = measure(model, head, examples[:n], batch_size, pad_id, dataclasses.replace(setup, teacher=None, kd_ratio=0.0), acc)
+    return None if result is None else round(result["ce"], 6)
 
 
 def load_teacher(cfg: TrainConfig, device, precision: str, vocab: int, student_rows: int):

@@ -1,5 +1,6 @@
-"""What the `train` stage writes about its run besides the model: train_log.csv, loss.png, and the
-losses it measures without training (held-out CE and KD term; CE on the first training examples).
+"""What the `train` stage writes about its run besides the model: train_log.csv, loss.png, the
+held-out records and the summary of their losses (which train.py measures with its own batches
+and loss: `measure`, `train_ce`).
 
 train_log.csv (docs/FORMATS.md §8.4) holds two kinds of rows, told apart by `kind`:
     train  one per optimizer step: loss, ce_loss, kd_loss, lr, grad_norm, tokens_per_s, wall_s
@@ -11,15 +12,13 @@ train_log.csv (docs/FORMATS.md §8.4) holds two kinds of rows, told apart by `ki
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 
 from reflect_tune.artifacts import append_durably, atomic_path
 from reflect_tune.errors import DataError, clip
@@ -163,50 +162,6 @@ def plot_losses(log_path: Path, png: Path) -> None:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def measure(model, head: torch.Tensor, examples: list, batch_size: int, pad_id: int, setup: Any, acc) -> dict | None:
-    """Response-token CE (and, with `setup.teacher`, the KD term T²·D, computed as training does) of the
-    model on `examples`, each scored on its own (unpacked). {ce, kd, tokens, examples}, or None for none.
-
-    Every process scores its share and the token *sums* are added over processes before dividing,
-    so the numbers are those of one process. Each process runs the same number of forwards (a
-    process short of examples runs one with no targets), as DDP and FSDP need. The model is put in
-    eval mode, without gradients, and the RNG state is restored after, so training is not changed.
-    """
-    from reflect_tune.train import IGNORE_INDEX, collate, micro_batch_loss  # the recipe's own batches and loss
-
-    if not examples:
-        return None
-    world, rank = acc.num_processes, acc.process_index
-    rounds = math.ceil(len(examples) / (batch_size * world))
-    sums = torch.zeros(3, dtype=torch.float64)
-    was_training = model.training
-    cuda = [acc.device] if acc.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad(), acc.autocast():
-        model.eval()
-        try:
-            for k in range(rounds):
-                lo = (k * world + rank) * batch_size
-                part = examples[lo : lo + batch_size]
-                batch = collate([[e] for e in (part or examples[:1])], pad_id, packed=False)
-                if not part:  # nothing left for this process: a forward that counts no token
-                    batch.update(targets=torch.full_like(batch["targets"], IGNORE_INDEX), tokens=0)
-                batch = {k2: (v.to(acc.device) if torch.is_tensor(v) else v) for k2, v in batch.items()}
-                out = micro_batch_loss(model, head, batch, setup)
-                sums += torch.tensor([float(out.ce), float(out.kd), batch["tokens"]], dtype=torch.float64)
-        finally:
-            model.train(was_training)
-    ce, kd, tokens = acc.reduce(sums.to(acc.device), "sum").tolist()
-    return {"ce": ce / max(tokens, 1), "kd": kd / max(tokens, 1) if setup.teacher is not None else None,
-            "tokens": int(tokens), "examples": len(examples)}
-
-
-def train_ce(model, head, examples: list, n: int, batch_size: int, pad_id: int, setup: Any, acc) -> float | None:
-    """Mean response-token CE on the first `n` *training* examples (no teacher term); None when n is 0.
-    Not held-out: it shows how well the model fits what it trains on (train_ce_before.json)."""
-    result = measure(model, head, examples[:n], batch_size, pad_id, dataclasses.replace(setup, teacher=None, kd_ratio=0.0), acc)
-    return None if result is None else round(result["ce"], 6)
 
 
 def heldout_summary(held: list, before: Optional[dict], after: Optional[dict], cfg) -> dict:
