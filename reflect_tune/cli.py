@@ -379,6 +379,15 @@ PlainFormatOpt = Annotated[Optional[InFormat], typer.Option("--format", "-f", he
 TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model that needs its repository's own code.")]
 TurnsOpt = Annotated[TurnsPolicy, typer.Option("--turns", help=TURNS_HELP + " Plain data only.")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)]
+# The released code's conventions (reflect_tune/conventions.py, docs/FORMATS.md §8.2a); unset: the paper's way,
+# or what --match-reference sets.
+_REF = " Default: {0}; --match-reference srt: {1}."
+MatchReferenceOpt = Annotated[Optional[str], typer.Option("--match-reference", help="srt or cherry: every convention as the released Reflection_Tuning / Cherry_LLM selection code has it (docs/FORMATS.md §8.2a); each flag below overrides one.", rich_help_panel="Reproducing the released code")]
+InputJoinOpt = Annotated[Optional[str], typer.Option("--input-join", help="newline or labelled: how an input joins the instruction in the vicuna, none and chat prompts (labelled: '\\nInput:\\n')." + _REF.format("newline", "labelled"), rich_help_panel="Reproducing the released code")]
+AloneCutOpt = Annotated[Optional[str], typer.Option("--alone-cut", help="full or matched: the answer-alone and instruction-alone passes cut at --max-length, or at --max-length minus the prompt's tokens plus 1, covering the tokens of their conditioned pass." + _REF.format("full", "matched"), rich_help_panel="Reproducing the released code")]
+RifdTextOpt = Annotated[Optional[str], typer.Option("--rifd-text", help="newline or concat: r-IFD's instruction text is instruction + newline + input, or the two with no separator." + _REF.format("newline", "concat"), rich_help_panel="Reproducing the released code")]
+SpanOpt = Annotated[Optional[str], typer.Option("--span", help="exact or rfind: a conditioned pass is scored from the prompt's end, or from text.rfind(target) (moves when the input repeats the instruction; text templates only)." + _REF.format("exact", "rfind"), rich_help_panel="Reproducing the released code")]
+AnswerAloneOpt = Annotated[Optional[str], typer.Option("--answer-alone", help="bare or header: s(A) of the bare answer, or of the answer after '### Response:' (--match-reference cherry).", rich_help_panel="Reproducing the released code")]
 
 
 @app.command()
@@ -399,6 +408,12 @@ def score(
     trust_remote_code: TrustCodeOpt = False,
     turns: TurnsOpt = TurnsPolicy.first,
     no_progress: NoProgressOpt = False,
+    match_reference: MatchReferenceOpt = None,
+    input_join: InputJoinOpt = None,
+    alone_cut: AloneCutOpt = None,
+    rifd_text: RifdTextOpt = None,
+    span: SpanOpt = None,
+    answer_alone: AnswerAloneOpt = None,
 ) -> None:
     """Score every candidate pair with the student: IFD and r-IFD (perplexity and loss ratios), batched and resumable.
     Data parallel under `accelerate launch` or `torchrun`.
@@ -415,7 +430,8 @@ def score(
             batch_tokens=batch_tokens, max_length=max_length, only=only.value if only else None,
             reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
-            resume=not no_resume, turns=turns.value, progress=not no_progress,
+            resume=not no_resume, turns=turns.value, progress=not no_progress, match_reference=match_reference,
+            input_join=input_join, alone_cut=alone_cut, rifd_text=rifd_text, span=span, answer_alone=answer_alone,
         )
         result = stage.run(config)
     if result.rows and _is_main_process():
@@ -453,6 +469,18 @@ def select(
     trust_remote_code: TrustCodeOpt = False,
     turns: TurnsOpt = TurnsPolicy.first,
     no_progress: NoProgressOpt = False,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="A scores.parquet from reflect-tune score of this input: apply the rule to its rows; no model is loaded.")] = None,
+    match_reference: MatchReferenceOpt = None,
+    input_join: InputJoinOpt = None,
+    alone_cut: AloneCutOpt = None,
+    rifd_text: RifdTextOpt = None,
+    span: SpanOpt = None,
+    answer_alone: AnswerAloneOpt = None,
+    rewrite_loses: Annotated[Optional[str], typer.Option("--rewrite-loses", help="keep or drop: srt phase 2, when the teacher's answer does not have the lower r-IFD, keep the phase-1 winner, or drop the record (the released code)." + _REF.format("keep", "drop"), rich_help_panel="Reproducing the released code")] = None,
+    phase_nan: Annotated[Optional[str], typer.Option("--phase-nan", help="loses or plain: a NaN score loses a phase comparison, or compares false as in Python." + _REF.format("loses", "plain"), rich_help_panel="Reproducing the released code")] = None,
+    ratio: Annotated[Optional[str], typer.Option("--ratio", help="ppl or loss: filter and rank by perplexity ratios (IFD, r-IFD) or loss ratios (--match-reference cherry).", rich_help_panel="Reproducing the released code")] = None,
+    top_of: Annotated[Optional[str], typer.Option("--top-of", help="records or survivors: --top is a fraction of the input records, or of the pairs that pass the < 1 filters. Default: records; --match-reference srt or cherry: survivors.", rich_help_panel="Reproducing the released code")] = None,
+    truncated: Annotated[Optional[str], typer.Option("--truncated", help="keep or skip: a pair whose passes were cut at the max length is kept, or skipped (--match-reference cherry).", rich_help_panel="Reproducing the released code")] = None,
 ) -> None:
     """The student keeps the pairs it learns most from (Selective Reflection-Tuning's two-phase rule, or Cherry's IFD).
 
@@ -472,7 +500,10 @@ def select(
             dtype=dtype.value, batch_tokens=batch_tokens, max_length=max_length,
             reverse=reverse if reverse is not None else REVERSE_DEFAULT, device=device,
             format=format.value if format else None, split=split, trust_remote_code=trust_remote_code,
-            resume=not no_resume, turns=turns.value, progress=not no_progress,
+            resume=not no_resume, turns=turns.value, progress=not no_progress, scores=str(scores) if scores else None,
+            match_reference=match_reference, input_join=input_join, alone_cut=alone_cut, rifd_text=rifd_text, span=span,
+            answer_alone=answer_alone, rewrite_loses=rewrite_loses, phase_nan=phase_nan, ratio=ratio, top_of=top_of,
+            truncated=truncated,
         )
         result = stage.run(config)
     if _is_main_process():
@@ -612,6 +643,8 @@ class StageName(str, Enum):
     student = "student"
     reflect = "reflect"
     select = "select"
+    teacher_sft = "teacher_sft"
+    student_sft = "student_sft"
     train = "train"
     eval = "eval"
     judge = "judge"
@@ -624,8 +657,11 @@ def run(
     until: Annotated[Optional[StageName], typer.Option("--until", help="Stop after this stage.")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Parent of the run folder. Default: the file's `runs_dir`, else ./runs.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help=NO_PROGRESS_HELP)] = False,
+    show_plan: Annotated[bool, typer.Option("--plan", help="Print the stages and sweep arms, which are done, and the steps and time each arm will take; run nothing.")] = False,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Run N arms of the sweep at once, each in its own process on its own GPU (CUDA_VISIBLE_DEVICES); needs N GPUs. Default: one after another.")] = 1,
+    arm: Annotated[Optional[str], typer.Option("--arm", hidden=True, help="Run only the arm with this train key (a --parallel child).")] = None,
 ) -> None:
-    """Run every stage of a pipeline file: make-student, reflect, select, train, eval, judge.
+    """Run every stage of a pipeline file: make-student, reflect, select, teacher_sft, train (each arm of a `sweep:`), eval, judge.
 
     Each stage writes to RUNS/NAME/STAGE-KEY, where KEY hashes the stage's settings and inputs.
     A rerun skips finished stages and resumes an interrupted one; a changed setting makes a new
@@ -634,14 +670,29 @@ def run(
     [bold]Example[/bold]: reflect-tune run examples/pipeline.yaml --until select
     """
     from reflect_tune.pipeline import run_pipeline
+    from reflect_tune.sweep_run import plan_text, run_arm, run_parallel
 
+    where = str(runs_dir) if runs_dir else None
     with user_errors():
-        record = run_pipeline(pipeline, start=start.value if start else None, until=until.value if until else None,
-                              runs_dir=str(runs_dir) if runs_dir else None, progress=not no_progress)
+        if show_plan:
+            typer.echo(plan_text(pipeline, runs_dir=where))
+            return
+        if arm:
+            run_arm(pipeline, arm, runs_dir=where, progress=not no_progress)
+            return
+        if parallel > 1:
+            if start or until:
+                raise ReflectTuneError("--parallel runs every stage; it does not take --from or --until")
+            record = run_parallel(pipeline, parallel, runs_dir=where, progress=not no_progress)
+        else:
+            record = run_pipeline(pipeline, start=start.value if start else None, until=until.value if until else None,
+                                  runs_dir=where, progress=not no_progress)
     folder = Path(record["folder"])
     for st in record["stages"]:
         note = "" if not st.get("skipped") else "(skipped: finished earlier)" if st["status"] == "done" else "(not run: outside --from/--until)"
-        typer.echo(f"{st['name']:8} {st['status']:12} {note}".rstrip())
+        typer.echo(f"{st['name']:11} {st['status']:12} {note}".rstrip())
+    if (folder / "compare" / "compare.md").is_file():
+        typer.echo(f"comparison: {folder / 'compare' / 'compare.md'}")
     typer.echo(f"run folder: {folder}")
     typer.echo(f"summary: {folder / 'summary.md'}")
 

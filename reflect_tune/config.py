@@ -216,6 +216,13 @@ class ScoreConfig:
     resume: bool = True
     turns: str = "first"  # multi-turn plain data: first | last | each
     progress: bool = True
+    # conventions of the released code (docs/FORMATS.md §8.2a); None: as `match_reference` says, else the paper's
+    match_reference: Optional[str] = None  # None | "srt" (Reflection_Tuning) | "cherry" (Cherry_LLM)
+    input_join: Optional[str] = None  # vicuna/none with an input: "newline" | "labelled" ("\nInput:\n")
+    alone_cut: Optional[str] = None  # s(A), s(Q): "full" (cut at max_length) | "matched" (max_length - prompt + 1)
+    rifd_text: Optional[str] = None  # r-IFD's instruction text: "newline" (instruction\ninput) | "concat"
+    span: Optional[str] = None  # a conditioned pass's scored span: "exact" | "rfind"
+    answer_alone: Optional[str] = None  # s(A): "bare" answer | "header" (after "### Response:", Cherry)
 
 
 @dataclass(kw_only=True)
@@ -242,6 +249,19 @@ class SelectConfig:
     resume: bool = True
     turns: str = "first"  # multi-turn plain data: first | last | each
     progress: bool = True
+    scores: Optional[str] = None  # select from this scores.parquet (reflect-tune score) instead of loading a model
+    # conventions of the released code (docs/FORMATS.md §8.2a); None: as `match_reference` says, else the paper's
+    match_reference: Optional[str] = None  # None | "srt" (Reflection_Tuning) | "cherry" (Cherry_LLM)
+    input_join: Optional[str] = None  # vicuna/none with an input: "newline" | "labelled" ("\nInput:\n")
+    alone_cut: Optional[str] = None  # s(A), s(Q): "full" (cut at max_length) | "matched" (max_length - prompt + 1)
+    rifd_text: Optional[str] = None  # r-IFD's instruction text: "newline" (instruction\ninput) | "concat"
+    span: Optional[str] = None  # a conditioned pass's scored span: "exact" | "rfind"
+    answer_alone: Optional[str] = None  # s(A): "bare" answer | "header" (after "### Response:", Cherry)
+    rewrite_loses: Optional[str] = None  # srt phase 2, the rewritten answer not better: "keep" the winner | "drop"
+    phase_nan: Optional[str] = None  # a NaN in a phase comparison: "loses" | "plain" (compares false, as Python's < and >)
+    ratio: Optional[str] = None  # IFD and r-IFD as "ppl" (perplexity ratio) | "loss" (loss ratio)
+    top_of: Optional[str] = None  # --top is a fraction of the input "records" | of the filter's "survivors"
+    truncated: Optional[str] = None  # a pair with a truncated pass: "keep" | "skip" (Cherry)
 
 
 @dataclass(kw_only=True)

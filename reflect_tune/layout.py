@@ -32,6 +32,14 @@ PROMPT_FILES = {
 # fields it must have: a block's field is its marker name in lower case with "_" for spaces
 SCHEMA_FILES = {"instruction": ("instruction.schema.json", ("NEW INSTRUCTION", "NEW ANSWER")),
                 "response": ("response.schema.json", ("BETTER ANSWER",))}
+# Named prompt sets (`--prompts NAME`): the files of the default set sit in reflect_tune/prompts/,
+# another set's folder there holds the files in which it differs (the rest come from the default).
+PROMPT_SETS = {
+    "paper": "the paper's criteria: why the pair is weak, a more complex and difficult new instruction "
+             "(it may move to a related but independent task), answers as detailed as possible",
+    "conservative": "keeps the task and intent of the instruction; answers as detailed as the instruction calls for",
+}
+DEFAULT_SET = "paper"
 # The marker format, owned here (the test server asks this module for it): `[[NAME]]` in a prompt
 # file, `[[NAME TAG]]` in a request and its reply, TAG being 8 hex characters chosen per request.
 MARKER = re.compile(r"\[\[(NEW INSTRUCTION|NEW ANSWER|BETTER ANSWER|END)(?: ([0-9a-f]{6,16}))?\]\]")
@@ -69,6 +77,8 @@ class Prompts:
     sha256: dict[str, str]
     placeholders: set[str] = field(default_factory=set)
     schemas: dict[str, dict] = field(default_factory=dict)  # "instruction" | "response" -> JSON schema
+    set_name: str = DEFAULT_SET  # the built-in set (PROMPT_SETS) of every file the folder does not override
+    folder: str | None = None  # a --prompts folder whose files override the set's
 
 
 def field_of(name: str) -> str:
@@ -80,16 +90,35 @@ def _normalize(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
+def is_prompt_set(value: object) -> bool:
+    """Whether a --prompts value names a built-in set. A set name always wins over a folder of the
+    same name in the current folder; write a path (`./conservative`) to mean the folder."""
+    return isinstance(value, str) and value in PROMPT_SETS
+
+
 def load_prompts(folder: str | None = None) -> Prompts:
-    """The built-in prompts, with any file present in `folder` taking precedence. Validated."""
+    """The prompts of a built-in set, or of a folder whose files override the default set's. Validated.
+
+    `folder`: None (the default set), a set name (PROMPT_SETS: `paper`, `conservative`), or a folder
+    holding any of the prompt files (the others come from the default set)."""
     builtin = resources.files("reflect_tune") / "prompts"
-    if folder is not None and not Path(folder).is_dir():
-        raise ReflectTuneError(f"{folder}: --prompts must be a folder holding any of "
-                               + ", ".join(f for f, _, _ in PROMPT_FILES.values()))
+    set_name = folder if is_prompt_set(folder) else DEFAULT_SET
+    if is_prompt_set(folder):
+        folder = None
+    elif folder is not None and not Path(folder).is_dir():
+        raise ReflectTuneError(f"{folder}: not a prompt set nor a folder; --prompts takes a set ({', '.join(PROMPT_SETS)}) "
+                               "or a folder holding any of " + ", ".join(f for f, _, _ in PROMPT_FILES.values()))
+    shipped = builtin if set_name == DEFAULT_SET else builtin / set_name
+
+    def pick(filename: str):
+        """The file from the folder, else from the set, else from the default set."""
+        if folder and (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+        return shipped / filename if (shipped / filename).is_file() else builtin / filename
+
     texts, sources, digests, placeholders = {}, {}, {}, set(_GENERIC_PLACEHOLDERS)
     for name, (filename, needs, markers) in PROMPT_FILES.items():
-        path = Path(folder) / filename if folder else None
-        source = path if path is not None and path.is_file() else builtin / filename
+        source = pick(filename)
         try:
             text = source.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -107,13 +136,13 @@ def load_prompts(folder: str | None = None) -> Prompts:
         digests[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     schemas = {}
     for kind, (filename, names) in SCHEMA_FILES.items():
-        path = Path(folder) / filename if folder else None
-        source = path if path is not None and path.is_file() else builtin / filename
+        source = pick(filename)
         schemas[kind] = _load_schema(source, names)
         sources[f"{kind}.schema"] = str(source)
         digests[f"{kind}.schema"] = hashlib.sha256(json.dumps(schemas[kind], sort_keys=True).encode()).hexdigest()
     placeholders.discard("")
-    return Prompts(texts=texts, sources=sources, sha256=digests, placeholders=placeholders, schemas=schemas)
+    return Prompts(texts=texts, sources=sources, sha256=digests, placeholders=placeholders, schemas=schemas,
+                   set_name=set_name, folder=folder)
 
 
 def _load_schema(source, names: tuple[str, ...]) -> dict:

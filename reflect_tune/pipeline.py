@@ -36,6 +36,7 @@ from typing import Any
 
 from reflect_tune.artifacts import atomic_write_text, exclusive, fingerprint, provenance, redact, write_meta
 from reflect_tune import reflect, selection, student, train
+from reflect_tune.layout import is_prompt_set
 from reflect_tune.config import (
     EvalConfig,
     JudgeConfig,
@@ -54,16 +55,19 @@ from reflect_tune.config import (
 from reflect_tune.errors import SECRET_NAME, ReflectTuneError, clip, one_line, register_secret
 from reflect_tune.records import FORMATS, TURN_POLICIES, check_source, is_reflected
 from reflect_tune.summary import read_json, write_summary
+from reflect_tune.sweep import expand
 
 log = logging.getLogger(__name__)
 
-STAGES = ("student", "reflect", "select", "train", "eval", "judge")
-TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", *STAGES)
+STAGES = ("student", "reflect", "select", "teacher_sft", "train", "eval", "judge")
+TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", "sweep", *STAGES)
 # settings the pipeline sets itself: never in the YAML, never in a key
 OWNED = {"student": ("output", "overwrite"),
          "reflect": ("input", "output", "progress", "format", "split", "turns"),
          "select": ("input", "output", "progress", "resume", "format", "split", "turns"),
          "train": ("data", "output", "progress", "resume", "overwrite", "format", "split", "turns"),
+         # teacher_sft: `model` defaults to train's teacher, `data` to what select kept (any file may be given)
+         "teacher_sft": ("output", "progress", "resume", "overwrite", "format", "split", "turns"),
          "eval": ("model", "output", "progress", "overwrite"),
          "judge": ("model", "baseline", "output", "progress", "overwrite", "format", "split", "turns")}
 # pipeline-only settings of a stage section (not a setting of the stage's command)
@@ -78,14 +82,17 @@ UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_
                        "batch_size"),
            "select": ("batch_tokens", "device"),
            "train": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name"),
+           "teacher_sft": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name"),
            "eval": ("batch_size", "device", "report_to", "run_name"),
            "judge": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                      "no_wait", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "batch_size", "device")}
 PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
-             "select": ("model", "proxy_model"), "train": ("model", "teacher", "eval_data"),
+             "select": ("model", "proxy_model", "scores"), "train": ("model", "teacher", "eval_data"),
+             "teacher_sft": ("model", "teacher", "eval_data", "data"),
              "eval": ("include_path", "tasks"), "judge": ("data", "prompt", "cache_dir")}
-CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "train": TrainConfig,
-           "eval": EvalConfig, "judge": JudgeConfig}
+TRAINS = ("teacher_sft", "student_sft", "train")  # stages that run train.run
+CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "teacher_sft": TrainConfig,
+           "train": TrainConfig, "eval": EvalConfig, "judge": JudgeConfig}
 NOT_REQUIRED = {"eval": ("tasks",), "judge": ("data",)}  # eval: held-out loss alone; judge: the held-out prompts
 
 
@@ -101,6 +108,7 @@ class Pipeline:
     split: str | None = None
     turns: str = "first"  # multi-turn conversations in `data`: first | last | each
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # present stages only
+    sweep: dict[str, Any] | None = None  # sweep.check_sweep's {"mode", "axes"}
     lines: dict[str, int] = field(default_factory=dict)  # "section.key" -> line in the file
 
     @property
@@ -188,7 +196,33 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
         raise ReflectTuneError(f"{path}: no stage sections; add some of {', '.join(STAGES)}")
     if "reflect" in pipe.sections and "train" in pipe.sections and "select" not in pipe.sections:
         raise ReflectTuneError(f"{where('train')}: train reads pairs; after reflect it needs a select section to choose them")
+    if "sweep" in raw:
+        _check_sweep(pipe, raw["sweep"])
+    if "teacher_sft" in pipe.sections:
+        t = pipe.sections["teacher_sft"]
+        if "train" not in pipe.sections:
+            raise ReflectTuneError(f"{where('teacher_sft')}: teacher_sft: fine-tunes the KD teacher of a train section; add one")
+        if not t.get("model") and not pipe.sections["train"].get("teacher"):
+            raise ReflectTuneError(f"{where('teacher_sft')}: teacher_sft: setting 'model': required when train has no teacher")
+        if "reflect" in pipe.sections and "select" not in pipe.sections and not t.get("data"):
+            raise ReflectTuneError(f"{where('teacher_sft')}: teacher_sft: after reflect it needs a select section (or 'data')")
     return pipe
+
+
+def _check_sweep(pipe: Pipeline, block: Any) -> None:
+    """The sweep block (sweep.check_sweep) and what its choices need: a train section, teacher_sft for
+    `teacher: finetuned`, train's teacher for `teacher: base`."""
+    from reflect_tune.sweep import check_sweep
+
+    pipe.sweep = check_sweep(block, lambda key: pipe.where("sweep", key))
+    axes = pipe.sweep["axes"]
+    if "train" not in pipe.sections:
+        raise ReflectTuneError(f"{pipe.where('sweep')}: sweep: varies the train stage; add a train section")
+    if "finetuned" in axes.get("teacher", ()) and "teacher_sft" not in pipe.sections:
+        raise ReflectTuneError(f"{pipe.where('sweep', 'teacher')}: sweep: teacher: finetuned needs a teacher_sft section "
+                               "(how to fine-tune the teacher; `teacher_sft: {}` takes the defaults)")
+    if "base" in axes.get("teacher", ()) and not pipe.sections["train"].get("teacher"):
+        raise ReflectTuneError(f"{pipe.where('sweep', 'teacher')}: sweep: teacher: base needs train's 'teacher'")
 
 
 def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -227,6 +261,8 @@ def _check_section(pipe: Pipeline, stage: str, values: dict[str, Any], base: Pat
         value = values.get(key)
         if isinstance(value, tuple):  # eval's tasks: names, or task YAML paths next to the file
             values[key] = tuple(str(base / v) if not Path(v).is_absolute() and (base / v).exists() else v for v in value)
+        elif stage == "reflect" and key == "prompts" and is_prompt_set(value):
+            continue  # a prompt set's name (`conservative`), not a folder; `./conservative` is the folder
         elif isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
             values[key] = str(base / value)
     return {**values, **extra}
@@ -293,10 +329,11 @@ def plan(pipe: Pipeline) -> list[Stage]:
         key = stage_key(name, keyed, upstream)
         return key, pipe.folder / f"{name}-{key}"
 
-    def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any], **extra: Any) -> None:
+    def add(name: str, key: str, where: Path, config: Any, upstream: dict[str, Any], **extra: Any) -> Stage:
         st = Stage(name=name, key=key, folder=where, config=config, upstream=upstream, extra=extra)
         stages.append(st)
         by_name[name] = st
+        return st
 
     def from_data() -> dict[str, Any]:  # the top-level format and split, for the stage that reads `data`
         return {"format": pipe.format, "split": pipe.split, "turns": pipe.turns} if feed[0] == "data" and not hold else {}
@@ -331,7 +368,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         if student_dir and s.get("model") == student_dir:
             keyed["model"] = "student"
             up.update(model_note)
-        for name in ("model", "proxy_model"):
+        for name in ("model", "proxy_model", "scores"):
             if s.get(name) and keyed.get(name) != "student":
                 up[name] = _model_id(s[name])
         key, where = folder("select", keyed, up)
@@ -340,6 +377,7 @@ def plan(pipe: Pipeline) -> list[Stage]:
         cfg = SelectConfig(**s, input=_feed_path(by_name, feed, source), output=str(where / "selected.jsonl"), **from_data())
         add("select", key, where, cfg, up, **({"holdout": hold} if hold else {}))
         feed = ("select", key)
+    trains: list[Stage] = []
     if "train" in pipe.sections:
         s = dict(pipe.sections["train"])
         if not s.get("model") and student_dir:
@@ -361,35 +399,88 @@ def plan(pipe: Pipeline) -> list[Stage]:
         elif s.get("eval_data"):  # by content, like the data
             keyed.pop("eval_data")
             up["eval_data"] = _content_id(s["eval_data"])
-        key, where = folder("train", keyed, up)
-        add("train", key, where, TrainConfig(**s, data=_feed_path(by_name, feed, source), output=str(where), **from_data()), up)
+        data = _feed_path(by_name, feed, source)
+        finetuned = {}  # "teacher" / "student": (stage, the fine-tuned model's folder)
+        if "teacher_sft" in pipe.sections:
+            finetuned["teacher"] = _sft_stage(pipe, add, folder, "teacher_sft", dict(pipe.sections["teacher_sft"]),
+                                              base_model=s.get("teacher"), data=data, feed=feed, from_data=from_data)
+        arms = expand(pipe.sweep)
+        if any(arm.get("student") == "finetuned" for arm in arms):
+            # the student fine-tuned first: train's own settings, no distillation (a full model when LoRA: merged)
+            plain = {k: v for k, v in s.items() if k not in ("teacher", "kd_ratio", "kd_loss", "kd_temperature", "jsd_beta",
+                                                               "skew_alpha")}
+            finetuned["student"] = _sft_stage(pipe, add, folder, "student_sft", plain, base_model=s["model"], data=data,
+                                              feed=feed, from_data=from_data, model_id=(keyed["model"], up["model"]))
+        for arm in arms:
+            a_s, a_keyed, a_up = {**s}, {**keyed}, {**up}
+            for name, value in arm.items():
+                if name in ("teacher", "student"):
+                    if value == "finetuned":
+                        sft, path = finetuned[name]
+                        target = "teacher" if name == "teacher" else "model"
+                        a_s[target], a_keyed[target], a_up[target] = path, sft.name, sft.key
+                else:
+                    a_s[name] = a_keyed[name] = value
+            key, where = folder("train", a_keyed, a_up)
+            cfg = TrainConfig(**a_s, data=data, output=str(where), **from_data())
+            add("train", key, where, cfg, a_up, arm=arm)
+            trains.append(by_name["train"])
     for name in ("eval", "judge"):
-        if name in pipe.sections and "train" not in by_name:
+        if name in pipe.sections and not trains:
             raise ReflectTuneError(f"{pipe.where(name)}: {name}: compares the trained student with its starting point; "
                                    "it needs a train section")
-    if "eval" in pipe.sections:
-        s, tr = dict(pipe.sections["eval"]), by_name["train"]
-        # task files and folders by their content, so a moved checkout keeps its keys
-        keyed = {k: v for k, v in s.items() if k not in UNKEYED["eval"] and k not in ("tasks", "include_path")}
-        up = {"train": tr.key, "tasks": [_content_id(t) if Path(t).exists() else t for t in s.get("tasks", ())]}
-        if s.get("include_path"):
-            up["include_path"] = _content_id(s["include_path"])
-        key, where = folder("eval", keyed, up)
-        after = EvalConfig(**{"tasks": (), **s}, model=str(tr.folder), output=str(where / "after"))
-        add("eval", key, where, after, up, before=dataclasses.replace(after, model=tr.config.model, output=str(where / "before")))
-    if "judge" in pipe.sections:
-        s, tr = dict(pipe.sections["judge"]), by_name["train"]
-        if not s.get("data") and not hold:
-            raise ReflectTuneError(f"{pipe.where('judge')}: judge: setting 'data': required without a select 'holdout' "
-                                   "(the held-out prompts are judged by default)")
-        keyed = {k: v for k, v in s.items() if k not in UNKEYED["judge"] and k not in ("data", "prompt")}
-        up = {"train": tr.key, "data": _content_id(s["data"]) if s.get("data") else {"holdout": hold["key"]}}
-        if s.get("prompt"):
-            up["prompt"] = _content_id(s["prompt"])
-        key, where = folder("judge", keyed, up)
-        data = {"data": s.pop("data")} if s.get("data") else {"data": hold["heldout"]}
-        add("judge", key, where, JudgeConfig(**s, **data, model=str(tr.folder), baseline=tr.config.model, output=str(where)), up)
+    for tr in trains:  # every arm is followed by its evaluation
+        if "eval" in pipe.sections:
+            s = dict(pipe.sections["eval"])
+            # task files and folders by their content, so a moved checkout keeps its keys
+            keyed = {k: v for k, v in s.items() if k not in UNKEYED["eval"] and k not in ("tasks", "include_path")}
+            up = {"train": tr.key, "tasks": [_content_id(t) if Path(t).exists() else t for t in s.get("tasks", ())]}
+            if s.get("include_path"):
+                up["include_path"] = _content_id(s["include_path"])
+            key, where = folder("eval", keyed, up)
+            after = EvalConfig(**{"tasks": (), **s}, model=str(tr.folder), output=str(where / "after"))
+            add("eval", key, where, after, up, before=dataclasses.replace(after, model=tr.config.model, output=str(where / "before")),
+                arm=tr.extra.get("arm"))
+        if "judge" in pipe.sections:
+            s = dict(pipe.sections["judge"])
+            if not s.get("data") and not hold:
+                raise ReflectTuneError(f"{pipe.where('judge')}: judge: setting 'data': required without a select 'holdout' "
+                                       "(the held-out prompts are judged by default)")
+            keyed = {k: v for k, v in s.items() if k not in UNKEYED["judge"] and k not in ("data", "prompt")}
+            up = {"train": tr.key, "data": _content_id(s["data"]) if s.get("data") else {"holdout": hold["key"]}}
+            if s.get("prompt"):
+                up["prompt"] = _content_id(s["prompt"])
+            key, where = folder("judge", keyed, up)
+            data = {"data": s.pop("data")} if s.get("data") else {"data": hold["heldout"]}
+            add("judge", key, where, JudgeConfig(**s, **data, model=str(tr.folder), baseline=tr.config.model, output=str(where)),
+                up, arm=tr.extra.get("arm"))
     return stages
+
+
+def _sft_stage(pipe: Pipeline, add, folder, name: str, s: dict[str, Any], *, base_model: str | None, data: str,
+               feed: tuple[str, Any], from_data, model_id: tuple[Any, Any] | None = None) -> tuple[Stage, str]:
+    """teacher_sft (the KD teacher fine-tuned on the target data) or student_sft (the student
+    fine-tuned first, for a sweep's `student: finetuned`): the train code path, LoRA merged into a
+    full model folder by default. Returns the stage and the folder of the model it makes."""
+    s.setdefault("model", base_model)
+    if name == "teacher_sft":
+        s.setdefault("method", "lora")
+    if s.get("method", "lora") != "full":
+        s.setdefault("merge", True)
+    keyed = {k: v for k, v in s.items() if k not in UNKEYED["train"]}
+    up: dict[str, Any] = {"model": _model_id(s["model"])}
+    if model_id is not None and s["model"] == base_model:  # train's model, identified as train's key does
+        keyed["model"], up["model"] = model_id
+    if s.get("data"):  # any file, by its content
+        keyed.pop("data")
+        up["data"] = _content_id(s["data"])
+    else:
+        up[feed[0]] = feed[1]
+    if s.get("teacher"):
+        up["teacher"] = _model_id(s["teacher"])
+    key, where = folder(name, keyed, up)
+    cfg = TrainConfig(**{**s, "data": s.get("data") or data}, output=str(where), **({} if s.get("data") else from_data()))
+    return add(name, key, where, cfg, up), str(where / "merged" if cfg.merge else where)
 
 
 def _data_id(pipe: Pipeline) -> dict[str, Any]:
@@ -431,7 +522,7 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
         if value is not None and value not in names:
             raise ReflectTuneError(f"{flag} {value}: not a stage of {pipe.path} (its stages: {', '.join(names)})")
     first = names.index(start) if start else 0
-    last = names.index(until) if until else len(names) - 1
+    last = len(names) - 1 - names[::-1].index(until) if until else len(names) - 1  # every arm of a sweep
     if first > last:
         raise ReflectTuneError(f"--from {start} comes after --until {until}")
     for st in stages[:first]:
@@ -482,8 +573,28 @@ def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, prog
         if not st.done:  # a Batch API job submitted with no_wait: its results come on a later run
             log.warning("%s: %s; run the pipeline again to collect", st.name, result.get("status", "not finished"))
             break
+    if pipe.sweep:
+        write_comparison(pipe, stages, record)
     write_summary(pipe, stages, holdout_plan(pipe, _data_id(pipe)))
     return record
+
+
+def arms_of(stages: list[Stage], record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One entry per train arm: its name, swept settings, train folder, eval folder, wall time."""
+    from reflect_tune.sweep import arm_name
+
+    walls = {(e["name"], e["key"]): e.get("wall_s") for e in (record or {}).get("stages", [])}
+    evals = {st.upstream.get("train"): st for st in stages if st.name == "eval"}
+    return [{"name": arm_name(st.extra.get("arm") or {}), "settings": st.extra.get("arm") or {}, "train": str(st.folder),
+             "eval": str(evals[st.key].folder) if st.key in evals else None, "wall_s": walls.get(("train", st.key))}
+            for st in stages if st.name == "train"]
+
+
+def write_comparison(pipe: Pipeline, stages: list[Stage], record: dict[str, Any]) -> dict[str, Any]:
+    """RUNS/NAME/compare/: one row per arm, overlaid curves, the best arm per metric (compare.py)."""
+    from reflect_tune.compare import write_compare
+
+    return write_compare(pipe.folder / "compare", arms_of(stages, record))
 
 
 def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
@@ -508,7 +619,7 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
                 reflect.validate(st.config)
             elif st.name == "select":
                 selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(st.config.input))
-            elif st.name == "train":
+            elif st.name in TRAINS:  # settings and the output folder; the models load when the stage runs
                 train.validate(dataclasses.replace(st.config, resume=_started(st.folder),
                                                    eval_data=_exists_or(st.config.eval_data, pipe.data)))
             else:  # eval, judge: before the student is trained, checked on its starting point
@@ -564,7 +675,7 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
         if st.folder.exists():  # an interrupted make-student leaves no meta.json: start it again
             shutil.rmtree(st.folder)
         return student.run(st.config)
-    if st.name == "train":
+    if st.name in TRAINS:  # train, an arm of a sweep, teacher_sft, student_sft: one code path
         return train.run(dataclasses.replace(st.config, progress=progress, resume=_started(st.folder)))
     if st.name == "judge":
         from reflect_tune import judge

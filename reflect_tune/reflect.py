@@ -6,8 +6,9 @@ Per input record, three teacher calls (the variants the paper's selection compar
 - `res`: response reflection of the original pair gives a better answer y_res;
 - `res_ins`: response reflection of (x_ins, y_ins) gives y_res_ins. It waits for `ins`.
 
-The prompts are files (`reflect_tune/prompts/`, overridable with `--prompts DIR`). The teacher
-writes its text between markers; each request gets its own marker tag (`[[BETTER ANSWER 3fa9c1d2]]`)
+The prompts are files in `reflect_tune/prompts/` (the default set `paper`; `--prompts conservative`
+picks the other built-in set, `--prompts DIR` overrides any file). The teacher writes its text
+between markers; each request gets its own marker tag (`[[BETTER ANSWER 3fa9c1d2]]`)
 that does not occur in the record, so data containing marker strings cannot steer the parser.
 A reply that cannot be used (no markers, empty text, "N/A", a placeholder echo) is re-asked once,
 then recorded as `parse_failed` with the reason; consumers fall back to the original.
@@ -504,6 +505,8 @@ def _write(config: ReflectConfig, lines: list[dict], prompts: Prompts, report, s
 
     meta = provenance("reflect", config, inputs=[config.input] if Path(config.input).exists() else [])
     meta["prompts"] = {name: {"source": prompts.sources[name], "sha256": prompts.sha256[name]} for name in prompts.texts}
+    # the built-in set the prompts come from (a --prompts folder overrides some of its files: see the sources)
+    meta["prompt_set"] = {"name": prompts.set_name, "folder": prompts.folder}
     meta["load_report"] = report.__dict__
     meta["summary"] = summary
     out = Path(config.output)

@@ -13,6 +13,9 @@ For `alpaca`, `vicuna` and `none`, the scored tokens of `tokenizer(prompt + text
 position `len(tokenizer(prompt))`. For `chat`, they are the tokens whose first character lies inside
 the assistant's content in the rendered template (see `_chat_pass`).
 
+Where the paper and the released code differ (five conventions of how passes are built, and the
+template), `Conventions` says which way; conventions.py and docs/FORMATS.md §8.2a list them.
+
 How it is made fast without changing the numbers:
   - every (text, scored span) is a *unit*; identical units are scored once (s(Q) of (x, y) and
     (x, y_res) is one unit);
@@ -44,10 +47,11 @@ from typing import Any
 
 from reflect_tune.artifacts import ShardStore, shard_folder
 from reflect_tune.config import ScoreConfig, SettingError
+from reflect_tune.conventions import RESPONSE_HEADER, Conventions, scoring_conventions
 from reflect_tune.errors import ReflectTuneError
 from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, Record, load_candidates
-from reflect_tune.templates import REVERSE_DEFAULT, reverse_text, template_prompt
+from reflect_tune.templates import REVERSE_DEFAULT, join_input, reverse_text, template_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ GPU_BATCH_TOKENS = 16384
 PAD_TOLERANCE = 0.1  # a batch's rows are within 10% of its longest row
 PREFIX_KEY = 8  # batches group passes by their first tokens; a shared prefix this long is run once
 HEAD_CHUNK_ELEMENTS = 1 << 23  # logits held at once in the LM head: rows x vocab (32 MiB in fp32)
+
 
 
 # ----------------------------------------------------------------------------- templates and passes
@@ -100,6 +105,7 @@ class Scorer:
     batch_tokens: int
     reverse: str
     signature: str  # identifies model + dtype: shards from another signature are never reused
+    conv: Conventions = Conventions()
     state: Any = None  # accelerate.PartialState under a multi-process launch, else None
     tokens: Any = None  # a _Tokens cache over `tokenizer`
     head: tuple | None = None  # the LM head's (weight, bias) in fp32, for a model in another dtype
@@ -169,6 +175,7 @@ def open_scorer(
     batch_tokens: int | None = None,
     reverse: str = REVERSE_DEFAULT,
     trust_remote_code: bool = False,
+    conventions: Conventions | None = None,
 ) -> Scorer:
     """Load a model and tokenizer for scoring. `template="auto"`: chat if the tokenizer has one, else alpaca."""
     import torch
@@ -184,6 +191,10 @@ def open_scorer(
         template = "chat" if getattr(tok, "chat_template", None) else "alpaca"
     if template == "chat" and not getattr(tok, "chat_template", None):
         raise ReflectTuneError(f"{spec}: the tokenizer has no chat template; pass --template alpaca, vicuna or none")
+    conv = conventions or Conventions()
+    if template == "chat" and conv.span == "rfind":
+        raise SettingError("span", "--span rfind applies to the text templates (alpaca, vicuna, none); "
+                                   "the chat template's span comes from token offsets: pass --template vicuna or alpaca")
     dev = state.device if state is not None else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -206,18 +217,20 @@ def open_scorer(
         head = (layer.weight.detach().float(), bias.detach().float() if bias is not None else None)
     return Scorer(spec=spec, model=model, tokenizer=tok, template=template, dtype=dtype_name, device=dev,
                   max_length=max_length, batch_tokens=batch_tokens, reverse=reverse, signature=signature, state=state,
-                  tokens=_Tokens(tok), head=head)
+                  tokens=_Tokens(tok), head=head, conv=conv)
 
 
-def _truncated(ids: list[int], start: int, end: int, max_length: int, reason: str | None = None) -> Pass:
+def _truncated(ids: list[int], start: int, end: int, max_length: int, reason: str | None = None,
+               what: str = "--max-length") -> Pass:
     start = max(start, 1)  # position 0 has nothing before it to predict it from
+    max_length = max(max_length, 1)  # a matched cut (alone_cut) can leave no room at all
     truncated = len(ids) > max_length
     if truncated:
         ids = ids[:max_length]
         end = min(end, max_length)
     if reason is None and end <= start:
         if truncated and start >= max_length:
-            reason = f"no scored tokens after truncation at --max-length {max_length}"
+            reason = f"no scored tokens after truncation at {what} {max_length}"
         else:
             reason = "no scored tokens (nothing to predict)"
     return Pass(ids=ids, start=start, end=end, truncated=truncated, reason=reason)
@@ -237,16 +250,22 @@ class _Tokens:
         return self.cache[key]
 
 
-def _text_pass(toks: _Tokens, prompt: str, text: str, max_length: int) -> Pass:
-    """Tokens of tokenizer(prompt + text) past position len(tokenizer(prompt)) (the reference's rule)."""
-    ids = toks.ids(prompt + text)
-    return _truncated(ids, len(toks.ids(prompt)), len(ids), max_length)
+def _text_pass(toks: _Tokens, prompt: str, text: str, max_length: int, find: str | None = None,
+               what: str = "--max-length") -> Pass:
+    """Tokens of tokenizer(prompt + text) past position len(tokenizer(prompt)).
+
+    With `find` (span "rfind"), past position len(tokenizer(full[:full.rfind(find)])) instead, as
+    the released code does: the same position unless `find` also occurs after the prompt's end."""
+    full = prompt + text
+    ids = toks.ids(full)
+    start = len(toks.ids(prompt)) if find is None else len(toks.ids(full[: full.rfind(find)]))
+    return _truncated(ids, start, len(ids), max_length, what=what)
 
 
-def _direct_pass(toks: _Tokens, text: str, max_length: int) -> Pass:
+def _direct_pass(toks: _Tokens, text: str, max_length: int, what: str = "--max-length") -> Pass:
     """The text alone, with the tokenizer's default special tokens: every token after the first is scored."""
     ids = toks.ids(text)
-    return _truncated(ids, 1, len(ids), max_length)
+    return _truncated(ids, 1, len(ids), max_length, what=what)
 
 
 def _chat_pass(tokenizer, user: str, assistant: str, max_length: int) -> Pass:
@@ -294,21 +313,41 @@ def build_passes(scorer: Scorer, cand: Record, directions: tuple[str, ...]) -> t
         return passes, "empty output"
     if not cand.instruction.strip():
         return passes, "empty instruction"
-    toks = scorer.tokens
-    q, a, m = cand.instruction_text, cand.output, scorer.max_length
+    toks, conv, m = scorer.tokens, scorer.conv, scorer.max_length
+    a = cand.output
+    rfind = conv.span == "rfind"
+
+    matched = conv.alone_cut == "matched"
+    what = "the matched cut" if matched else "--max-length"
+
+    def alone_cut(prompt_tokens: int, extra: int = 1) -> int:  # the released code's matched cut
+        return m - min(prompt_tokens, m) + extra if matched else m
+
     if "ifd" in directions:
         if scorer.template == "chat":
-            passes["a_given_q"] = _chat_pass(scorer.tokenizer, q, a, m)
+            cond = _chat_pass(scorer.tokenizer, join_input(cand.instruction, cand.input, conv.input_join), a, m)
+            prompt_tokens = cond.start
         else:
-            passes["a_given_q"] = _text_pass(toks, template_prompt(scorer.template, cand.instruction, cand.input), a, m)
-        passes["a"] = _direct_pass(toks, a, m)
+            prompt = template_prompt(scorer.template, cand.instruction, cand.input, conv.input_join)
+            cond = _text_pass(toks, prompt, a, m, find=a if rfind else None)
+            prompt_tokens = len(toks.ids(prompt))
+        passes["a_given_q"] = cond
+        if conv.answer_alone == "header":
+            passes["a"] = _text_pass(toks, RESPONSE_HEADER, a, alone_cut(prompt_tokens, -2), find=a if rfind else None, what=what)
+        else:
+            passes["a"] = _direct_pass(toks, a, alone_cut(prompt_tokens), what=what)
     if "rifd" in directions:
+        q = cand.instruction + cand.input if conv.rifd_text == "concat" else cand.instruction_text
         rev = reverse_text(scorer.reverse, a)
         if scorer.template == "chat":
-            passes["q_given_a"] = _chat_pass(scorer.tokenizer, rev, q, m)
+            cond = _chat_pass(scorer.tokenizer, rev, q, m)
+            prompt_tokens = cond.start
         else:
-            passes["q_given_a"] = _text_pass(toks, template_prompt(scorer.template, rev, ""), q, m)
-        passes["q"] = _direct_pass(toks, q, m)
+            prompt = template_prompt(scorer.template, rev, "", conv.input_join)
+            cond = _text_pass(toks, prompt, q, m, find=cand.instruction if rfind else None)
+            prompt_tokens = len(toks.ids(prompt))
+        passes["q_given_a"] = cond
+        passes["q"] = _direct_pass(toks, q, alone_cut(prompt_tokens), what=what)
     return passes, None
 
 
@@ -646,6 +685,7 @@ def validate(config: ScoreConfig) -> None:
     check_turns(config.turns)
     check_output(config.output, ".parquet", [config.input])
     check_options(config.template, config.max_length, config.reverse, config.batch_tokens)
+    scoring_conventions(config)
 
 
 def run(config: ScoreConfig) -> ScoreResult:
@@ -656,10 +696,11 @@ def run(config: ScoreConfig) -> ScoreResult:
     loaded = load_candidates(config.input, format=config.format, split=config.split, turns=config.turns)
     for w in loaded.warnings:
         log.warning("warning: %s", w)
+    template, conv = scoring_conventions(config)
     scorer = open_scorer(
-        config.model, template=config.template, dtype=config.dtype, device=config.device,
+        config.model, template=template, dtype=config.dtype, device=config.device,
         max_length=config.max_length, batch_tokens=config.batch_tokens, reverse=config.reverse,
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=config.trust_remote_code, conventions=conv,
     )
     directions = (config.only,) if config.only else ("ifd", "rifd")
     shards = shard_folder(config.output, scorer.signature)
@@ -691,6 +732,7 @@ def scoring_meta(scorer: Scorer, stats: ScoreStats) -> dict[str, Any]:
         "max_length": scorer.max_length,
         "batch_tokens": scorer.batch_tokens,
         "reverse": scorer.reverse,
+        "conventions": dict(scorer.conv.__dict__),
         "processes": scorer.world,
         "stats": stats.to_dict(),
     }

@@ -43,13 +43,30 @@ def write_summary(pipe, stages, hold: dict | None = None) -> Path:
                     f"trained on (`{Path(hold['folder']).name}/heldout.jsonl`)."]
     for st in stages:
         meta = read_json(st.folder / "meta.json") if st.done else None
-        if meta is None:
+        if meta is None or st.extra.get("arm"):  # the arms of a sweep: in the comparison below
             continue
         out += ["", *{"student": _student_md, "reflect": _reflect_md, "select": _select_md, "train": _train_md,
-                     "eval": _eval_md, "judge": _judge_md}[st.name](st, meta)]
+                     "teacher_sft": _sft_md, "student_sft": _sft_md, "eval": _eval_md, "judge": _judge_md}[st.name](st, meta)]
+    out += _compare_md(pipe.folder / "compare")
     path = pipe.folder / "summary.md"
     atomic_write_text(path, "\n".join(out) + "\n")
     return path
+
+
+def _sft_md(st, meta: dict) -> list[str]:
+    lines = _train_md(st, meta)
+    what = "the KD teacher fine-tuned on the target data" if st.name == "teacher_sft" else "the student fine-tuned first"
+    return [f"## {st.name}: {what} (`{st.folder.name}/`)", *lines[1:]]
+
+
+def _compare_md(folder: Path) -> list[str]:
+    """The sweep's comparison (compare.py): its table and its plots, one line per arm."""
+    table = folder / "compare.md"
+    if not table.is_file():
+        return []
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    return ["", "## Comparison of the arms", "", table.read_text(encoding="utf-8").strip(), "",
+            *[f"![{p[:-4]}](compare/{p})" for p in plots]]
 
 
 def _student_md(st, meta: dict) -> list[str]:

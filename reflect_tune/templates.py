@@ -35,9 +35,19 @@ def alpaca_prompt(instruction: str, input: str = "", preamble: str | None = None
     return "{p}\n\n### Instruction:\n{i}\n\n### Response:".format(p=preamble or ALPACA_PREAMBLE, i=instruction)
 
 
-def template_prompt(template: str, instruction: str, input: str = "") -> str:
-    """The prompt of a text template with the answer left empty (the answer is appended directly)."""
-    text = f"{instruction}\n{input}" if input else instruction
+def join_input(instruction: str, input: str = "", join: str = "newline") -> str:
+    """An instruction and its input as one text: "newline" puts the input on the next line; "labelled"
+    (the released SRT code's vicuna prompt) writes "Input:" on a line of its own between them."""
+    if not input:
+        return instruction
+    return f"{instruction}\nInput:\n{input}" if join == "labelled" else f"{instruction}\n{input}"
+
+
+def template_prompt(template: str, instruction: str, input: str = "", input_join: str = "newline") -> str:
+    """The prompt of a text template with the answer left empty (the answer is appended directly).
+
+    `input_join` applies to vicuna and none (alpaca gives the input its own section)."""
+    text = join_input(instruction, input, input_join)
     if template == "alpaca":
         return alpaca_prompt(instruction, input)
     if template == "vicuna":

@@ -72,7 +72,7 @@ from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, load_records
 from reflect_tune.templates import alpaca_prompt
 from reflect_tune.tracking import check_report_to, open_tracker
-from reflect_tune.train_log import (append_log, eval_row, held_out, heldout_records, heldout_start, heldout_summary,
+from reflect_tune.train_log import (append_log, peak_memory, reset_peak_memory, eval_row, held_out, heldout_records, heldout_start, heldout_summary,
                                     plot_losses, tracker_metrics, train_row)
 
 log = logging.getLogger(__name__)
@@ -545,6 +545,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
         # processes, the output folder, the models
+        reset_peak_memory()
         acc, precision = make_accelerator(cfg)
         main, world = acc.is_main_process, acc.num_processes
         if main:
@@ -681,7 +682,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                    "eval_examples": min(cfg.train_ce_samples, len(examples)), "vocab_size": setup.vocab_size,
                    "heldout": heldout_summary(held, heldout_before, heldout_after, cfg) if held else None,
                    "world_size": world, "lean_loss": lean, "resumed_from": resumed_from,
-                   "wall_s": round(time.time() - run_start, 1)}
+                   "wall_s": round(time.time() - run_start, 1), **peak_memory()}
         meta["result"] = summary
         if main:
             save_final(out, model, tok, cfg, meta, acc)

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 
 from reflect_tune.artifacts import append_durably, atomic_path
@@ -170,3 +170,32 @@ def heldout_summary(held: list, before: Optional[dict], after: Optional[dict], c
     return {"source": cfg.eval_data or "eval_split", "examples": len(held), "tokens": after["tokens"] if after else None,
             "ce_before": pick(before, "ce"), "ce_after": pick(after, "ce"), "kd_before": pick(before, "kd"),
             "kd_after": pick(after, "kd"), "kd_loss": cfg.kd_loss if cfg.teacher else None}
+
+
+def reset_peak_memory() -> None:
+    """Start the peaks `peak_memory` reads from now: a pipeline runs several train stages in one process."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the resident high-water mark
+    except OSError:
+        pass
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak resident memory since `reset_peak_memory` (MiB; Linux VmHWM, else ru_maxrss: the process's
+    whole life) and, on CUDA, peak allocated GPU memory (MiB): `peak_rss_mib`, `peak_gpu_mib` (null without)."""
+    rss = None
+    try:
+        line = next(t for t in Path("/proc/self/status").read_text().splitlines() if t.startswith("VmHWM:"))
+        rss = int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mib": round(rss, 1), "peak_gpu_mib": round(gpu, 1) if gpu is not None else None}

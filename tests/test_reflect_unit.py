@@ -113,7 +113,7 @@ def test_prompt_override_is_validated(tmp_path):
     loaded = load_prompts(str(tmp_path))
     assert loaded.texts["response"].startswith("Improve:") and loaded.sources["response"] == str(tmp_path / "response.txt")
     assert loaded.sources["instruction"].endswith("instruction.txt") and str(tmp_path) not in loaded.sources["instruction"]
-    with pytest.raises(ReflectTuneError, match="must be a folder"):
+    with pytest.raises(ReflectTuneError, match="not a prompt set nor a folder"):
         load_prompts(str(tmp_path / "missing"))
 
 

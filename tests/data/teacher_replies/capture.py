@@ -6,7 +6,7 @@ Run once (it is not run by the tests), from the repository root, offline:
 
 The teacher is the bundled SmolLM2-135M-Instruct (`bundled:smollm2-135m-instruct`, converted into
 REFLECT_TUNE_CACHE), in float32 on CPU. The requests are the project's own: the prompts of
-`load_prompts()` rendered with `render(template, values, tag)`, the tag from
+`load_prompts(PROMPT_SET)` rendered with `render(template, values, tag)`, the tag from
 `choose_tag(instruction, input, output)`, the system prompt first, exactly as `reflect.ask` builds
 them, for the first RECORDS records of examples/alpaca_small.jsonl, instruction reflection
 ("ins") and response reflection ("res") of each. Three kinds of replies (modes):
@@ -33,7 +33,9 @@ The checked-in files were then read by hand, reply by reply: each got a `review`
 reader saw) and `"reviewed": true`; where the reader disagrees with the parser, `expected` holds
 the reader's outcome, `parser_says` the parser's, and `parser_disagrees` why (the test makes
 those strict xfails). Rerun this script only to build a new corpus, and review it the same way.
-Captured with transformers 5.24.0 and torch 2.13.0+cpu (each file records its versions).
+Captured with transformers 5.24.0 and torch 2.13.0+cpu (each file records its versions), with the
+prompts that are now the `conservative` set (they were the only ones then; the default set is now
+`paper`): PROMPT_SET pins that set, so a rerun asks what the corpus was asked.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ MODEL = "bundled:smollm2-135m-instruct"
 RECORDS = 10
 MAX_NEW_TOKENS = 160
 SAMPLES, SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 3, 0.9, 0.95
+PROMPT_SET = "conservative"  # the set the checked-in corpus was recorded with
 
 
 def main(modes: list[str]) -> None:
@@ -63,7 +66,7 @@ def main(modes: list[str]) -> None:
     path = resolve_model(MODEL).path
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompts = load_prompts()
+    prompts = load_prompts(PROMPT_SET)
     lines = DATA.read_text(encoding="utf-8").splitlines()[:RECORDS]
 
     def generate(text: str, stop: str | None, sample: bool = False) -> tuple[str, str]:
