@@ -60,6 +60,8 @@ from reflect_tune.sweep import expand
 log = logging.getLogger(__name__)
 
 STAGES = ("student", "reflect", "select", "teacher_sft", "train", "eval", "judge")
+# the order of the kinds of stage, for --from/--until (student_sft: the student fine-tuned for a sweep arm)
+RANK = {name: i for i, name in enumerate(("student", "reflect", "select", "teacher_sft", "student_sft", "train", "eval", "judge"))}
 TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", "sweep", *STAGES)
 # settings the pipeline sets itself: never in the YAML, never in a key
 OWNED = {"student": ("output", "overwrite"),
@@ -454,7 +456,11 @@ def plan(pipe: Pipeline) -> list[Stage]:
             data = {"data": s.pop("data")} if s.get("data") else {"data": hold["heldout"]}
             add("judge", key, where, JudgeConfig(**s, **data, model=str(tr.folder), baseline=tr.config.model, output=str(where)),
                 up, arm=tr.extra.get("arm"))
-    return stages
+    # each arm's eval and judge right after its train stage: a stopped sweep leaves its finished arms evaluated
+    after = {tr.key: [st for st in stages if st.name in ("eval", "judge") and st.upstream.get("train") == tr.key]
+             for tr in trains}
+    return [x for st in stages if st.name not in ("eval", "judge")
+            for x in (st, *(after.get(st.key, []) if st.name == "train" else []))]
 
 
 def _sft_stage(pipe: Pipeline, add, folder, name: str, s: dict[str, Any], *, base_model: str | None, data: str,
@@ -517,24 +523,30 @@ def run_pipeline(path: str | Path, start: str | None = None, until: str | None =
     """Run (or resume) the pipeline; returns run.json's content. Finished stages are skipped."""
     pipe = load_pipeline(path, runs_dir)
     stages = plan(pipe)
-    names = [s.name for s in stages]
+    chosen = stages_between(pipe, stages, start, until)
+    _check_before_running(pipe, [st for i, st in enumerate(stages) if i in chosen])
+    with exclusive(pipe.folder / ".run.lock", f"the run folder {pipe.folder}"):  # one run of a pipeline at a time
+        return _run_stages(pipe, stages, chosen, progress)
+
+
+def stages_between(pipe: Pipeline, stages: list[Stage], start: str | None, until: str | None) -> set[int]:
+    """The indices `--from START --until UNTIL` runs. By kind, not position: a sweep interleaves its
+    arms' train and eval stages, and `--until train` means every train arm, `--from eval` every eval."""
+    names = list(dict.fromkeys(s.name for s in stages))
     for flag, value in (("--from", start), ("--until", until)):
         if value is not None and value not in names:
             raise ReflectTuneError(f"{flag} {value}: not a stage of {pipe.path} (its stages: {', '.join(names)})")
-    first = names.index(start) if start else 0
-    last = len(names) - 1 - names[::-1].index(until) if until else len(names) - 1  # every arm of a sweep
+    first, last = RANK[start] if start else 0, RANK[until] if until else len(RANK)
     if first > last:
         raise ReflectTuneError(f"--from {start} comes after --until {until}")
-    for st in stages[:first]:
-        if not st.done:
+    for st in stages:
+        if RANK[st.name] < first and not st.done:
             raise ReflectTuneError(f"--from {start}: the earlier stage {st.name} is not finished ({st.folder}); "
                                    f"run without --from first")
-    _check_before_running(pipe, stages[first : last + 1])
-    with exclusive(pipe.folder / ".run.lock", f"the run folder {pipe.folder}"):  # one run of a pipeline at a time
-        return _run_stages(pipe, stages, first, last, progress)
+    return {i for i, st in enumerate(stages) if first <= RANK[st.name] <= last}
 
 
-def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, progress: bool) -> dict[str, Any]:
+def _run_stages(pipe: Pipeline, stages: list[Stage], chosen: set[int], progress: bool) -> dict[str, Any]:
     pipe.folder.mkdir(parents=True, exist_ok=True)
     copy, text = pipe.folder / "pipeline.yaml", read_config_text(pipe.path)
     if not copy.is_file() or copy.read_text(encoding="utf-8") != text:
@@ -542,7 +554,7 @@ def _run_stages(pipe: Pipeline, stages: list[Stage], first: int, last: int, prog
     record = _load_record(pipe, stages)
     for i, st in enumerate(stages):
         entry = record["stages"][i]
-        if i < first or i > last:  # outside --from/--until: left as it is
+        if i not in chosen:  # outside --from/--until: left as it is
             entry.update(status="done" if st.done else "pending", skipped=True)
             continue
         if st.done:

@@ -67,7 +67,7 @@ def check_sweep(section: Any, where: Callable[[str | None], str]) -> dict[str, A
                 typed.append(check_value(TrainConfig, name, value))
             except SettingError as e:
                 raise ReflectTuneError(f"{where(key)}: sweep: {e}") from None
-        if len(set(map(repr, typed))) != len(typed):
+        if mode == "grid" and len(set(map(repr, typed))) != len(typed):
             raise ReflectTuneError(f"{where(key)}: sweep: setting '{key}': a value is listed twice")
         axes[name] = typed
     if not axes:
@@ -75,6 +75,13 @@ def check_sweep(section: Any, where: Callable[[str | None], str]) -> dict[str, A
     if mode == "zip" and len({len(v) for v in axes.values()}) > 1:
         raise ReflectTuneError(f"{where('mode')}: sweep: mode zip needs lists of one length, got "
                                + ", ".join(f"{k}: {len(v)}" for k, v in axes.items()))
+    if mode == "zip":  # a value may repeat down one list (lr: [1e-4, 1e-4, 3e-4]); an arm may not
+        seen: set[str] = set()
+        for i, combo in enumerate(zip(*axes.values())):
+            if repr(combo) in seen:
+                raise ReflectTuneError(f"{where('mode')}: sweep: arm {i + 1} ("
+                                       + ", ".join(f"{k}={v}" for k, v in zip(axes, combo)) + ") is listed twice")
+            seen.add(repr(combo))
     return {"mode": mode, "axes": axes}
 
 

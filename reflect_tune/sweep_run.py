@@ -70,7 +70,7 @@ def run_parallel(path: str | Path, parallel: int, runs_dir: str | None = None, p
     _check_before_running(pipe, stages)
     before = [i for i, st in enumerate(stages) if st.name not in ARM_STAGES]
     with exclusive(pipe.folder / ".run.lock", f"the run folder {pipe.folder}"):
-        record = _run_stages(pipe, stages, 0, max(before), progress) if before else _load_record(pipe, stages)
+        record = _run_stages(pipe, stages, set(before), progress) if before else _load_record(pipe, stages)
         if before and not all(stages[i].done for i in before):
             return record  # a stage before the arms is unfinished (a Batch API job): as `run` does
         entries = {(e["name"], e["key"]): e for e in record["stages"]}
@@ -118,49 +118,64 @@ def plan_text(path: str | Path, runs_dir: str | None = None) -> str:
             done_rates.append(r["wall_s"] / r["steps"])
     rate = sum(done_rates) / len(done_rates) if done_rates else None
     source = _count_source(pipe)
+    width = max((len(st.folder.name) for st in stages), default=0)
     lines = [f"{pipe.path}: {len(stages)} stages in {pipe.folder}"
              + (f", {sum(st.name == 'train' for st in stages)} train arms ({pipe.sweep['mode']})" if pipe.sweep else ""), ""]
-    total = 0.0
+    total, unknown, guessed = 0.0, 0, 0
     for st in stages:
-        label = f"{st.name:12} {st.folder.name:22} {'done' if st.done else 'to run':7}"
+        label = f"{st.name:12} {st.folder.name:{width}} {'done' if st.done else 'to run':7}"
         if st.name in TRAINS:
             c = st.config
             records, known = _train_records(pipe, st, source)
-            per_epoch = math.ceil(records / max(1, c.batch_size * c.grad_accum)) if records else 0
-            steps = min(c.max_steps, per_epoch * c.epochs) if c.max_steps else per_epoch * c.epochs
-            estimate = rate * steps if rate and not st.done else None
+            per_epoch = math.ceil(records / max(1, c.batch_size * c.grad_accum)) if records is not None else None
+            steps = None if per_epoch is None else min(c.max_steps, per_epoch * c.epochs) if c.max_steps else per_epoch * c.epochs
+            if steps is None and c.max_steps:
+                steps = c.max_steps  # at most; the data is not counted
+            unknown += steps is None and not st.done
+            estimate = rate * steps if rate and steps and not st.done else None
             total += estimate or 0.0
             arm = " ".join(f"{k}={v}" for k, v in (st.extra.get("arm") or {}).items())
-            label += (f" {'' if known else '~'}{steps} steps"
+            guessed += steps is not None and not known and not st.done
+            label += (f" {'?' if steps is None else ('' if known else '~') + str(steps)} steps"
                       + (f", ~{estimate / 60:.1f} min" if estimate else "") + (f"  [{arm}]" if arm else ""))
         lines.append(label.rstrip())
     lines += ["", f"estimated train time left: ~{total / 60:.1f} min (from {len(done_rates)} finished train stages, "
                   f"{rate:.2f} s/step)" if rate else
-              "estimated train time: known once one train stage has finished (its s/step is used for the rest)",
-              "steps marked ~ are estimated from the data size (select has not run yet)"]
+              "estimated train time: known once one train stage has finished (its s/step is used for the rest)"]
+    if guessed:
+        lines.append("steps marked ~ are estimated from the data size before select has run: at most that many "
+                     "(select's rule may keep fewer than its --top), so the time is an upper bound too")
+    if unknown:
+        lines.append(f"{unknown} train stages show ? steps: their data is not a local file ({pipe.data}), so it is "
+                     "not counted before the run (nothing is downloaded for a plan); the total leaves them out")
     return "\n".join(lines)
 
 
-def _count_source(pipe: Pipeline) -> int:
-    """Records the first stage reads (the held-out ones set aside), to estimate train's data size."""
+def _count_source(pipe: Pipeline) -> int | None:
+    """Records the first stage reads (the held-out ones set aside), to estimate train's data size;
+    None when the data is not a local file (a hub dataset): a plan downloads nothing."""
     from reflect_tune.records import load_records
 
     hold = holdout_plan(pipe, _data_id(pipe))
+    source = hold["candidates"] if hold and Path(hold["candidates"]).exists() else pipe.data
+    if not Path(source).exists():
+        return None
     try:
-        records, _ = load_records(hold["candidates"] if hold and Path(hold["candidates"]).exists() else pipe.data,
-                                  format=pipe.format, split=pipe.split, turns=pipe.turns)
+        records, _ = load_records(source, format=pipe.format, split=pipe.split, turns=pipe.turns)
     except ReflectTuneError:
-        return 0
+        return None
     n = len(records)
     return int(n * (1 - hold["fraction"])) if hold and not Path(hold["candidates"]).exists() else n
 
 
-def _train_records(pipe: Pipeline, st: Stage, source: int) -> tuple[int, bool]:
+def _train_records(pipe: Pipeline, st: Stage, source: int | None) -> tuple[int | None, bool]:
     """(records the stage trains on, whether counted): its data file's lines once it exists, else
     the source records after reflect's limit and select's cut (an upper bound: select's filter drops more)."""
     data = Path(st.config.data)
     if data.is_file():
         return _count_lines(data), True
+    if source is None:
+        return None, False
     n, limit = source, (pipe.sections.get("reflect") or {}).get("limit")
     n = min(n, limit) if limit else n
     sel = pipe.sections.get("select") or {}

@@ -16,7 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from reflect_tune.cli import app
-from reflect_tune.pipeline import load_pipeline, plan
+from reflect_tune.errors import ReflectTuneError
+from reflect_tune.pipeline import load_pipeline, plan, stages_between
 from reflect_tune.sweep import arm_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_demo_ablation_plans_offline(tmp_path, no_network):
     stages = stages_of(DEMO, tmp_path)
     names = [s.name for s in stages]
     n = len(DEMO_ARMS)
-    assert names == ["student", "select", "teacher_sft", *["train"] * n, *["eval"] * n]
+    assert names == ["student", "select", "teacher_sft", *["train", "eval"] * n]  # each arm evaluated right after it
     student, select = stages[0], stages[1]
     assert student.config.teacher == BUNDLED and student.config.layers == 15
     # plain data, no reflect: IFD selection by the student, with a holdout for held-out CE and KD
@@ -100,13 +101,27 @@ def test_demo_ablation_plans_offline(tmp_path, no_network):
         assert e.extra["before"].model == str(student.folder)  # the starting point: the cut student
 
 
+def test_from_until_pick_every_arm_of_a_kind(tmp_path, no_network):
+    """The arms interleave train and eval; --until train is every train arm, --from eval every eval."""
+    pipe = load_pipeline(DEMO, runs_dir=str(tmp_path))
+    stages = plan(pipe)
+    kinds = lambda chosen: sorted({stages[i].name for i in chosen})  # noqa: E731
+    until_train = stages_between(pipe, stages, None, "train")
+    assert kinds(until_train) == ["select", "student", "teacher_sft", "train"]
+    assert sum(stages[i].name == "train" for i in until_train) == len(DEMO_ARMS)
+    assert stages_between(pipe, stages, None, None) == set(range(len(stages)))
+    assert kinds(stages_between(pipe, stages, None, "select")) == ["select", "student"]
+    with pytest.raises(ReflectTuneError, match="--from eval: the earlier stage student is not finished"):
+        stages_between(pipe, stages, "eval", None)
+
+
 def test_llama_ablation_plans_without_its_models(tmp_path, no_network):
     pipe = load_pipeline(LLAMA, runs_dir=str(tmp_path))
     assert pipe.data == "yahma/alpaca-cleaned" and pipe.split == "train"
     assert pipe.sweep["mode"] == "grid"
     stages = plan(pipe)
     n = len(LLAMA_ARMS)
-    assert [s.name for s in stages] == ["teacher_sft", *["train"] * n, *["eval"] * n]
+    assert [s.name for s in stages] == ["teacher_sft", *["train", "eval"] * n]
     trains, evals = check_arms_and_evals(stages, LLAMA_ARMS)
     teacher = "meta-llama/Llama-3.1-8B-Instruct"
     sft = check_teacher_choice(stages, trains, teacher)
@@ -139,6 +154,20 @@ def test_run_plan_prints_every_arm_of_the_demo_ablation(tmp_path, no_network):
         assert any(line.startswith(stage + " ") for line in lines), out
     assert sum(line.startswith("eval ") for line in lines) == len(DEMO_ARMS)
     assert "to run" in out and not (tmp_path / "ablation").exists()  # --plan runs nothing
+
+
+def test_run_plan_of_the_llama_ablation_downloads_nothing(tmp_path, no_network):
+    """Its data is a hub dataset: the plan says the steps are not known instead of fetching it."""
+    result = CliRunner().invoke(app, ["run", str(LLAMA), "--plan", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    arms = [line for line in lines if line.startswith("train ")]
+    assert len(arms) == len(LLAMA_ARMS) and all(" ? steps" in line for line in arms), result.output
+    assert sum(line.startswith("teacher_sft ") and " ? steps" in line for line in lines) == 1
+    assert f"{len(LLAMA_ARMS) + 1} train stages show ? steps" in result.output
+    # every line's columns line up: the folder names are padded to the longest
+    status = {line.index(" to run") for line in lines if " to run" in line}
+    assert len(status) == 1, result.output
 
 
 def test_arm_names_are_the_compare_rows():

@@ -71,6 +71,9 @@ def test_sweep_block_errors_name_the_line(tmp_path):
         ({"teacher": ["base", "tuned"]}, "teacher", "sweep: setting 'teacher': 'tuned' is not one of base, finetuned"),
         ({"mode": "zip", "kd_ratio": [0.1, 0.2], "lr": [1e-3]}, "mode", "sweep: mode zip needs lists of one length"),
         ({"output": ["a", "b"]}, "output", "sweep: setting 'output': train has no such setting to sweep"),
+        ({"lr": [1e-3, 1e-3]}, "lr", "sweep: setting 'lr': a value is listed twice"),
+        ({"mode": "zip", "lr": [1e-3, 1e-4, 1e-3], "kd_ratio": [0.5, 0.9, 0.5]}, "mode",
+         "sweep: arm 3 (lr=0.001, kd_ratio=0.5) is listed twice"),
     ]
     for sweep, key, message in cases:
         path = write(tmp_path, config("t", "s", sweep))
@@ -93,6 +96,9 @@ def test_arms_are_keyed_by_their_own_settings(tmp_path):
     assert len(three) == 6 and all(three[k] == v for k, v in two.items())  # adding a value keeps the others
     zipped = arms(config("t", "s", {"mode": "zip", "kd_ratio": [0.5, 0.9], "lr": [1e-3, 1e-4]}))
     assert sorted(json.loads(k)["lr"] for k in zipped) == [1e-4, 1e-3] and len(zipped) == 2
+    # zip: a value may repeat down one list, as long as every arm differs
+    repeat = arms(config("t", "s", {"mode": "zip", "lr": [1e-3, 1e-3, 1e-4], "kd_ratio": [0.5, 0.9, 0.9]}))
+    assert sorted((json.loads(k)["lr"], json.loads(k)["kd_ratio"]) for k in repeat) == [(1e-4, 0.9), (1e-3, 0.5), (1e-3, 0.9)]
     # an arm's key is the key the same settings get without a sweep
     c = config("t", "s", {"kd_ratio": [0.9]})
     swept = next(iter(arms(c).values()))
