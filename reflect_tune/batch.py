@@ -12,6 +12,13 @@ The Batch API only fills the request cache; the reflect loop itself is unchanged
 3. Poll until every batch ends, then read both the output file and the error file and join
    results by `custom_id` (the order of lines is not guaranteed). Replies go into the cache;
    failures go into its `failures` table and surface as `api_failed` (`--retry-failed` resubmits).
+
+The rounds of one command form a chain: each round's folder has a `job.json` naming the round
+before it (`{"previous": JOB | null}`), written when the round is submitted by the process that
+collected the one before. So the run that collects the last round, whether it waited or is the
+last of several `--no-wait` reruns, reports the whole job (`account`): every request a round of
+the chain submitted counts as answered (or failed) by the Batch API, with its tokens; only what
+was cached before the first round counts as from the cache; `client.batch_rounds` has each round.
 """
 
 from __future__ import annotations
@@ -90,10 +97,26 @@ class _Job:
         atomic_write_text(self.path, json.dumps(self.entries, indent=2) + "\n")
 
 
-def _submit(sdk, pending: dict[str, dict], job: _Job, key: str, api_key: str | None) -> int:
-    """Create what is missing of this job's files and batches; returns the requests submitted now."""
+JOB_FILE = "job.json"  # in a round's folder: {"previous": the round before it in the same command, or null}
+
+
+def _previous(folder: Path) -> str | None:
+    """The round before this one (None for a first round, or a folder written before job.json existed)."""
+    try:
+        data = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    previous = data.get("previous") if isinstance(data, dict) else None
+    return previous if isinstance(previous, str) else None
+
+
+def _submit(sdk, pending: dict[str, dict], job: _Job, key: str, api_key: str | None, previous: str | None = None) -> int:
+    """Create what is missing of this job's files and batches; returns the requests submitted now.
+    `previous`: the round this process collected just before (the chain link, written once)."""
     job.folder.mkdir(parents=True, exist_ok=True)
     submitted = 0
+    if not (job.folder / JOB_FILE).exists():
+        atomic_write_text(job.folder / JOB_FILE, json.dumps({"previous": previous}) + "\n")
     if not job.entries:
         for i, chunk in enumerate(split_lines(batch_lines(pending))):
             name = f"input-{i:03d}.jsonl"
@@ -183,32 +206,82 @@ def _collect(sdk, job: _Job, pending: dict[str, dict], client, api_key: str | No
                     continue
                 response = line.get("response") or {}
                 if response.get("status_code") == 200 and not line.get("error"):
-                    reply = reply_from_json(response.get("body"))
-                    client.cache.put(key, client.model, reply)
-                    client.stats.prompt_tokens += reply.prompt_tokens
-                    client.stats.completion_tokens += reply.completion_tokens
-                    client.stats.succeeded += 1
+                    client.cache.put(key, client.model, reply_from_json(response.get("body")))
                 else:
-                    reason = scrub(_error_reason(line), api_key)
-                    client.cache.put_failure(key, reason)
-                    client.stats.failures["batch"] += 1
+                    client.cache.put_failure(key, scrub(_error_reason(line), api_key))
                 stored += 1
         entry["collected"] = True
         job.save()
     return stored
 
 
+def _round_keys(folder: Path) -> list[str]:
+    """The requests one round submitted: the custom_ids of its input files."""
+    keys: list[str] = []
+    for entry in _Job(folder).entries:
+        try:
+            with open(folder / entry["file"], encoding="utf-8") as fh:
+                keys.extend(json.loads(line)["custom_id"] for line in fh if line.strip())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning(f"warning: {folder / entry['file']}: cannot read the round's requests ({e}); "
+                        "the summary counts them as from the cache")
+    return keys
+
+
+def account(client, last: str | None) -> None:
+    """Prepare `client` to count the final walk as the whole job whose last round is `last`.
+
+    The chain of rounds is followed back from `last` (job.json links). Each request a round
+    submitted is answered by the Batch API (its tokens paid, once) or failed; `client.stats`
+    starts afresh, so the final walk counts those as answered and only the rest as from the
+    cache; `stats.sent` is the requests the rounds submitted. `client.batch_rounds` lists the
+    rounds, oldest first (job, requests, answered, failed, tokens). With `last` None (nothing
+    was submitted: a rerun of a finished job) everything is from the cache."""
+    from reflect_tune.teacher import ClientStats
+
+    chain, key = [], last
+    while key is not None and key not in chain:
+        chain.append(key)
+        key = _previous(client.cache.folder / "batches" / key)
+    rounds, answered, failed = [], set(), set()
+    for key in reversed(chain):
+        folder = client.cache.folder / "batches" / key
+        row = {"job": key, "requests": 0, "answered": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+               "reasoning_tokens": 0, "created": min((e.get("created") or "" for e in _Job(folder).entries), default=None)}
+        for k in dict.fromkeys(_round_keys(folder)):
+            row["requests"] += 1
+            reply = client.cache.get(k)
+            if reply is not None and k not in answered:
+                answered.add(k)
+                row["answered"] += 1
+                row["prompt_tokens"] += reply.prompt_tokens
+                row["completion_tokens"] += reply.completion_tokens
+                row["reasoning_tokens"] += reply.reasoning_tokens
+            elif reply is None and client.cache.failure(k) is not None:
+                failed.add(k)
+                row["failed"] += 1
+        rounds.append(row)
+    client.stats = ClientStats()
+    client.stats.sent = sum(r["requests"] for r in rounds)
+    client.batch_answered, client.batch_failed, client.batch_rounds = answered, failed, rounds
+
+
 def run_batches(config, records, prompts, client, api_key: str | None, walk) -> bool:
-    """Fill the cache through the Batch API, round by round. False when left running (--no-wait)."""
+    """Fill the cache through the Batch API, round by round. False when left running (--no-wait).
+
+    True when every request is cached or failed; the client is then set up (`account`) so that
+    the caller's final walk counts the whole job, all rounds, whichever run submitted them."""
     import openai
 
     sdk = openai.OpenAI(api_key=api_key or "unused", base_url=config.base_url, timeout=config.timeout, max_retries=3)
     checked = False
+    last = None  # the round this process collected last: the next round's `previous`
     for _ in range(MAX_ROUNDS):
         client.pending.clear()
         asyncio.run(walk(records, client, prompts, config, progress=False))
         pending = dict(client.pending)
         if not pending:
+            account(client, last)
             return True
         if not checked:
             _call("credential check (GET /models)", lambda: sdk.models.list(), api_key)
@@ -216,7 +289,7 @@ def run_batches(config, records, prompts, client, api_key: str | None, walk) -> 
         key = job_key(pending)
         job = _Job(client.cache.folder / "batches" / key)
         log.info(f"Batch API round: {len(pending)} requests (job {key})")
-        client.stats.sent += _submit(sdk, pending, job, key, api_key)
+        _submit(sdk, pending, job, key, api_key, previous=last)
         if not _poll(sdk, job, config, api_key):
             return False
         stored = _collect(sdk, job, pending, client, api_key)
@@ -224,5 +297,5 @@ def run_batches(config, records, prompts, client, api_key: str | None, walk) -> 
             for k in pending:
                 if client.cache.get(k) is None and client.cache.failure(k) is None:
                     client.cache.put_failure(k, "no result: the batch ended (expired or cancelled) without it")
-                    client.stats.failures["batch"] += 1
+        last = key
     raise ReflectTuneError(f"Batch API: requests still pending after {MAX_ROUNDS} rounds")

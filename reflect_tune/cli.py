@@ -18,6 +18,7 @@ from reflect_tune import __version__
 from reflect_tune.cli_common import NO_PROGRESS_HELP, TURNS_HELP, TurnsPolicy, json_object, user_errors, warn
 from reflect_tune.cli_eval import eval_command
 from reflect_tune.cli_judge import judge_command
+from reflect_tune.cli_teacher_logits import teacher_logits_command
 from reflect_tune.errors import ReflectTuneError
 
 app = typer.Typer(
@@ -326,7 +327,8 @@ def _print_reflect(result, config) -> None:
         f"  tokens: {s['prompt_tokens']} prompt + {s['completion_tokens']} completion"
         + (f", of which {s['reasoning_tokens']} reasoning" if s.get("reasoning_tokens") else "")
         + f" (cost {cost_text}; {s['price_source']})\n"
-        f"  wall time: {s['wall_s']:.1f} s",
+        + _batch_rounds_line(s)
+        + f"  wall time: {s['wall_s']:.1f} s",
         soft_wrap=True, highlight=False,
     )
     for line in result.refused[:5]:
@@ -335,6 +337,17 @@ def _print_reflect(result, config) -> None:
         console.print(f"  refused: {len(result.refused) - 5} more (see the reasons in {result.output})",
                       highlight=False, markup=False)
     typer.echo(f"wrote {s['records']} records to {result.output}")
+
+
+def _batch_rounds_line(s: dict) -> str:
+    """With --batch-api: the rounds of the job the summary adds up (requests and cost of each)."""
+    rounds = s.get("batch_rounds") or []
+    if not rounds:
+        return ""
+    money = lambda r: "unknown" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}"  # noqa: E731
+    return (f"  Batch API: {len(rounds)} round{'s' if len(rounds) != 1 else ''}: "
+            + " + ".join(str(r["requests"]) for r in rounds) + " requests, "
+            + " + ".join(money(r) for r in rounds) + "\n")
 
 
 class ScoreTemplate(str, Enum):
@@ -557,6 +570,8 @@ def train(
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack several examples per row, attention kept within each. Default: no.")] = None,
     template: Annotated[Optional[Template], typer.Option("--template", help="Prompt format; loss on the response only. Default: chat.")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher model for logit distillation; must share the student's tokenizer.")] = None,
+    teacher_logits: Annotated[Optional[str], typer.Option("--teacher-logits", help="Distil from a cache made by reflect-tune teacher-logits "
+                                                          "(the teacher's top-k per response token) instead of a live --teacher.")] = None,
     kd_ratio: Annotated[Optional[float], typer.Option("--kd-ratio", min=0.0, max=1.0, help="Weight of the KD term: (1-r)·CE + r·T²·D. Default: 0.5.")] = None,
     kd_loss: Annotated[Optional[KdLoss], typer.Option("--kd-loss", help="Divergence D(teacher‖student). Default: forward_kl.")] = None,
     kd_temperature: Annotated[Optional[float], typer.Option("--kd-temperature", min=0.0, help="Softmax temperature T of both models in the KD term. Default: 1.0.")] = None,
@@ -595,8 +610,8 @@ def train(
         flags = {"data": data, "output": str(output) if output else None, "model": model,
                  "method": methods[0] if methods else None, "epochs": epochs, "lr": lr, "batch_size": batch_size,
                  "grad_accum": grad_accum, "max_length": max_length, "packing": packing,
-                 "template": template.value if template else None, "teacher": teacher, "kd_ratio": kd_ratio,
-                 "kd_loss": kd_loss.value if kd_loss else None, "kd_temperature": kd_temperature, "beta": beta,
+                 "template": template.value if template else None, "teacher": teacher, "teacher_logits": teacher_logits,
+                 "kd_ratio": kd_ratio, "kd_loss": kd_loss.value if kd_loss else None, "kd_temperature": kd_temperature, "beta": beta,
                  "skew_alpha": skew_alpha, "resume": resume, "save_every": save_every,
                  "keep_checkpoints": keep_checkpoints, "merge": merge, "max_steps": max_steps, "seed": seed,
                  "overwrite": overwrite, "turns": turns.value if turns else None,
@@ -699,6 +714,7 @@ def run(
 
 # The evaluation commands live in their own files (cli_eval.py, cli_judge.py); same conventions.
 app.command("eval")(eval_command)
+app.command("teacher-logits")(teacher_logits_command)
 app.command("judge")(judge_command)
 
 

@@ -280,6 +280,7 @@ class TrainConfig:
     packing: bool = False
     template: str = "chat"  # chat | alpaca
     teacher: Optional[str] = None
+    teacher_logits: Optional[str] = None  # a `reflect-tune teacher-logits` cache: KD from its top-k, no teacher loaded
     kd_ratio: float = 0.5
     kd_loss: str = "forward_kl"
     kd_temperature: float = 1.0  # the softmax temperature of both models in the KD term
@@ -534,3 +535,38 @@ def train_config_file(path: str | Path) -> dict[str, Any]:
             raise ReflectTuneError(f"{path}:{lines.get(name, lines.get(str(key), 1))}: {e}") from None
         out[name] = value
     return out
+
+
+@dataclass(kw_only=True)
+class TeacherLogitsConfig:
+    """`reflect-tune teacher-logits`: the teacher's top-k log-probabilities on every response token of
+    the training examples, computed once and stored for `train --teacher-logits` (teacher_logits.py).
+
+    The data settings are train's and mean the same (the examples are tokenized by train's own code),
+    so a user passes the flags given to train."""
+
+    data: str = ""
+    output: str = ""
+    teacher: str = ""  # a model spec; with teacher_url, the model's name on that server
+    model: Optional[str] = None  # the student: its tokenizer renders the examples (default: the teacher's)
+    top_k: int = 64
+    logprob_dtype: str = "float16"  # how the log-probs are stored: float16 (half the bytes) | float32 (exact)
+    template: str = "chat"  # chat | alpaca, as train
+    max_length: int = 1024  # as train
+    format: Optional[str] = None
+    split: Optional[str] = None
+    turns: str = "first"
+    eval_data: Optional[str] = None  # held-out records are cached too, so train's held-out KD term can use them
+    eval_split: float = 0.0
+    seed: int = 42  # the eval_split draw, as train
+    teacher_url: Optional[str] = None  # an OpenAI-compatible server with prompt_logprobs (vLLM); None: in process
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8  # requests in flight to teacher_url
+    timeout: float = 300.0
+    max_retries: int = 6
+    dtype: str = "auto"  # the teacher's weights: auto (bf16 on a CUDA GPU that has it, else fp32) | float32 | bfloat16 | float16
+    device: str = "auto"
+    batch_tokens: Optional[int] = None  # padded tokens per teacher forward (default: 4096 CPU, 32768 GPU)
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True

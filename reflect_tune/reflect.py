@@ -42,7 +42,9 @@ from reflect_tune.layout import (
     response_format,
 )
 from reflect_tune.prices import PRICES, PRICES_DATE, table_row
-from reflect_tune.teacher import REJECTED, ApiFailed, FatalApiError, Pending, TeacherClient, rough_tokens, wait_workers
+from reflect_tune.teacher import (
+    REJECTED, ApiFailed, FatalApiError, Pending, TeacherClient, check_api_key, rough_tokens, wait_workers,
+)
 from reflect_tune.teacher import request_params as teacher_params
 
 log = logging.getLogger("reflect_tune.reflect")
@@ -228,6 +230,8 @@ def api_key(config: ReflectConfig) -> str | None:
     """The key from the environment (None for a local server that needs none); registered as a secret."""
     key = os.environ.get(config.api_key_env) or None
     register_secret(key)  # no message or written file may show it
+    if not config.dry_run:  # a dry run sends nothing
+        check_api_key(key, f"the environment variable {config.api_key_env}")
     if key is None and config.base_url is None and config.backend == "http" and not config.dry_run:
         raise ReflectTuneError(f"the environment variable {config.api_key_env} is not set (it holds the OpenAI API key; "
                                "use --api-key-env NAME for another variable, or --base-url for a local server)")
@@ -486,6 +490,10 @@ def _summary(config: ReflectConfig, lines: list[dict], client: TeacherClient, wa
         failures["parse_failed"] = parse_failed
     rejected = sum(1 for line in lines for v in line["variants"].values()
                    if v["status"] == "api_failed" and (v["reason"] or "").startswith(REJECTED))
+    extra = {}
+    if config.batch_api:  # the whole job's figures are the summary's; each round's are here (batch.account)
+        extra["batch_rounds"] = [{**r, "cost_usd": cost(r["prompt_tokens"], r["completion_tokens"], config)}
+                                 for r in client.batch_rounds]
     return {
         "records": len(lines),
         "requests_sent": s.sent, "requests_answered": s.succeeded, "requests_cached": s.cached,
@@ -496,7 +504,7 @@ def _summary(config: ReflectConfig, lines: list[dict], client: TeacherClient, wa
         "cached_prompt_tokens": s.cached_prompt_tokens, "cached_completion_tokens": s.cached_completion_tokens,
         "cached_reasoning_tokens": s.cached_reasoning_tokens,
         "cost_usd": cost(s.prompt_tokens, s.completion_tokens, config), "price_source": price_source,
-        "rate_limit_wait_s": round(client.limiter.waited, 3), "wall_s": round(wall, 3),
+        "rate_limit_wait_s": round(client.limiter.waited, 3), "wall_s": round(wall, 3), **extra,
     }
 
 

@@ -136,9 +136,66 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
 
 
+def _asked_processes() -> int | None:
+    """--num_processes N of the `accelerate launch` that started this process, read from the parent's
+    command line (Linux /proc), or None when it is not there (another OS, the number came from an
+    accelerate config file, or the parent is no accelerate launcher)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            args = fh.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return None
+    if "launch" not in args or not any(Path(a).name.startswith("accelerate") for a in args[: args.index("launch")]):
+        return None
+    rest = args[args.index("launch") + 1:]
+    for i, arg in enumerate(rest):
+        if arg in ("-m", "--module") or arg.endswith(".py") or "reflect_tune" in arg or "reflect-tune" in arg:
+            break  # the launched program and its own arguments
+        name, eq, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def one_process_warning() -> str | None:
+    """The warning line when `accelerate launch` was asked for several processes but started one.
+
+    accelerate's launcher passes the number to no child: with fewer than two GPUs and no
+    --multi_gpu it runs its "simple" launcher, one process, whose environment has accelerate's
+    variables (ACCELERATE_USE_CPU, ...), no WORLD_SIZE, and MASTER_ADDR/MASTER_PORT, which that
+    launcher sets only when more than one process (or machine) was asked. The number itself is read
+    from the launcher's command line where it can be (Linux); without it those variables decide."""
+    env = os.environ
+    if env.get("WORLD_SIZE", "1") not in ("", "1") or "ACCELERATE_USE_CPU" not in env:
+        return None  # several processes run, or no accelerate launcher started this one
+    asked = _asked_processes()
+    if asked is None and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        return None
+    if asked is not None and asked <= 1:
+        return None
+    what = f"{asked} processes" if asked else "more than one process"
+    return (f"warning: accelerate launch was asked for {what}, but one process runs: without two or more GPUs, "
+            "accelerate launch starts a single process unless --multi_gpu is given; for data parallelism on CPUs "
+            "use `torchrun --nproc_per_node N -m reflect_tune.cli ...` (or `accelerate launch --multi_gpu --num_processes N`)")
+
+
+_warned_one_process = False
+
+
+def warn_if_one_process() -> None:
+    """Log `one_process_warning()` once per process (score, select and train call it)."""
+    global _warned_one_process
+    line = None if _warned_one_process else one_process_warning()
+    if line:
+        _warned_one_process = True
+        log.warning(line)
+
+
 def distributed_state():
     """accelerate's PartialState when launched with several processes (accelerate launch, torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        warn_if_one_process()
         return None
     import torch
     from accelerate import PartialState

@@ -79,6 +79,18 @@ def scrub(text: str, secret: str | None) -> str:
     return scrub_secrets(text)
 
 
+def check_api_key(key: str | None, where: str = "the API key") -> None:
+    """Refuse, in one line and without showing it, a key an HTTP header cannot carry: a control
+    character (a newline pasted with it) or a non-ASCII one (a typographic quote). Sent, the first
+    reads as 'cannot reach the teacher' and the second ends in an encoding traceback."""
+    bad = next(((i, c) for i, c in enumerate(key or "") if not " " <= c <= "~"), None)
+    if bad is not None:
+        i, c = bad
+        kind = "a newline" if c in "\r\n" else "a control character" if ord(c) < 32 or ord(c) == 127 else "a non-ASCII character"
+        raise ReflectTuneError(f"{where} holds {kind} at position {i + 1}, which an HTTP header cannot "
+                               "carry; set it again (the key is not shown)")
+
+
 def rough_tokens(chars: int) -> int:
     """What --tpm charges for prompt text: a deliberate over-estimate (3 characters per token)."""
     return chars // 3
@@ -387,16 +399,20 @@ async def wait_workers(client: "TeacherClient", workers: list) -> None:
     """Wait for the worker tasks of a stage. On the first error, send nothing more but let the
     requests on the wire answer and reach the cache (they are paid for), cancel the other
     workers, and raise that error (the first that is not the resulting `Stopped`)."""
-    done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-    errors = [t.exception() for t in done if t.exception() is not None]
-    if errors:
-        first = next((e for e in errors if not isinstance(e, Stopped)), None)
-        client.stop(first or errors[0])
-        await client.settle()
-        for task in pending:
+    try:
+        done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if errors:
+            first = next((e for e in errors if not isinstance(e, Stopped)), None)
+            client.stop(first or errors[0])
+            await client.settle()
+            raise first or client.stop_error
+    finally:
+        # however this ends (an error, Ctrl-C cancelling us mid-wait): no worker outlives the stage,
+        # and every worker's exception is retrieved here, never reported by asyncio at exit
+        for task in workers:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        raise first or client.stop_error
+        await asyncio.gather(*workers, return_exceptions=True)
 
 
 class TeacherClient:
@@ -420,11 +436,17 @@ class TeacherClient:
         self.model, self.base_url, self.params, self.local = model, base_url, dict(params), local
         self.cache, self.max_retries, self.backoff, self.collect = cache, max_retries, backoff, collect
         self.timeout = timeout
+        check_api_key(api_key)  # one line here too for callers that did not check it first (judge)
         self._api_key = api_key
         self.limiter = RateLimiter(rpm, tpm)
         self.concurrency = concurrency
         self.stats = ClientStats()
         self.pending: dict[str, dict[str, Any]] = {}  # collect mode: key -> request body
+        # Batch API (batch.account): requests this job's rounds answered / failed, counted as such by
+        # the final walk (answered ones once, with their tokens), and the rounds themselves
+        self.batch_answered: set[str] = set()
+        self.batch_failed: set[str] = set()
+        self.batch_rounds: list[dict[str, Any]] = []
         self.unsaved: dict[str, Reply] = {}  # replies paid for that the cache could not take (disk full)
         self.stop_error: BaseException | None = None
         self._sdk = None
@@ -605,6 +627,13 @@ class TeacherClient:
             return False, "the server ignored the schema (the reply lacked its fields)"
         return True, "the server answered the probe with JSON that follows the schema"
 
+    def _batch_answered(self, reply: Reply) -> Reply:
+        self.stats.succeeded += 1
+        self.stats.prompt_tokens += reply.prompt_tokens
+        self.stats.completion_tokens += reply.completion_tokens
+        self.stats.reasoning_tokens += reply.reasoning_tokens
+        return reply
+
     def _hit(self, hit: Reply) -> Reply:
         self.stats.cached += 1
         self.stats.cached_prompt_tokens += hit.prompt_tokens
@@ -618,10 +647,16 @@ class TeacherClient:
         key = request_key(self.model, messages, {**self.params, **extra} if extra else self.params)
         hit = self.cache.get(key)
         if hit is not None:
+            if key in self.batch_answered:  # paid in a Batch API round of this job: answered, not from the cache
+                self.batch_answered.discard(key)  # once; the same request again is a cache hit
+                return self._batch_answered(hit)
             return self._hit(hit)
         if self.collect:
             failed = self.cache.failure(key)
             if failed is not None:
+                if key in self.batch_failed:
+                    self.batch_failed.discard(key)
+                    self.stats.failures["batch"] += 1
                 raise ApiFailed(failed, "batch", 0)
             self.pending[key] = self.body(messages, extra)
             raise Pending(key)

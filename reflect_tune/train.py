@@ -66,10 +66,12 @@ from reflect_tune.checkpoint import (
 )
 from reflect_tune.config import SettingError, TrainConfig
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip
-from reflect_tune.losses import IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, naive_distill_loss
+from reflect_tune.losses import (IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, chunked_sparse_distill_loss, naive_distill_loss,
+                                 naive_sparse_distill_loss)
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
 from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, load_records
+from reflect_tune.teacher_logits import batch_top_k, check_cache, check_examples, open_cache
 from reflect_tune.templates import alpaca_prompt
 from reflect_tune.tracking import check_report_to, open_tracker
 from reflect_tune.train_log import (append_log, peak_memory, reset_peak_memory, eval_row, held_out, heldout_records, heldout_start, heldout_summary,
@@ -109,13 +111,16 @@ def validate(cfg: TrainConfig) -> None:
                ("max_steps", "must be at least 1", cfg.max_steps is not None and cfg.max_steps < 1),
                ("kd_temperature", "must be > 0", not cfg.kd_temperature > 0),
                ("lr", "must be > 0", cfg.lr is not None and not cfg.lr > 0),
-               ("merge", "only for --lora/--qlora (a full fine-tune is already a whole model)", cfg.merge and cfg.method == "full")]
+               ("merge", "only for --lora/--qlora (a full fine-tune is already a whole model)", cfg.merge and cfg.method == "full"),
+               ("teacher_logits", "give teacher or teacher_logits, not both", bool(cfg.teacher and cfg.teacher_logits))]
     for name, why, failed in checks:
         if failed:
             raise SettingError(name, f"setting '{name}': {why}")
     check_report_to(cfg.report_to)  # an unknown tracker or its missing package: before any model loads
+    if cfg.teacher_logits:
+        open_cache(cfg.teacher_logits)  # a folder that is no finished cache: one line now
     out = Path(cfg.output)
-    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher, cfg.eval_data])  # not a file, holds no input, writable
+    check_output_folder(out, [cfg.data, cfg.model, cfg.teacher, cfg.teacher_logits, cfg.eval_data])  # not a file, holds no input, writable
     nonempty = out.is_dir() and any(out.iterdir())
     if nonempty and not (cfg.resume or cfg.overwrite):
         raise ReflectTuneError(f"{out}: not empty; pass --resume to continue its run, --overwrite to replace it, "
@@ -171,6 +176,7 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 class Example:
     input_ids: list[int]
     targets: list[int]  # aligned with input_ids: the next token, or IGNORE_INDEX
+    id: str = ""  # the record's id (for messages)
 
 
 def render(rec, tok, template: str) -> tuple[str, str]:
@@ -207,7 +213,7 @@ def build_examples(records, tok, cfg: TrainConfig, source: str = "") -> tuple[li
         if n == 0:
             stats["skipped_no_response"] += 1
             continue
-        examples.append(Example(ids, targets))
+        examples.append(Example(ids, targets, rec.id))
         stats["target_tokens"] += n
     stats["examples"] = len(examples)
     if not examples:
@@ -234,9 +240,10 @@ def epoch_micro_batches(examples: list[Example], cfg: TrainConfig, epoch: int) -
     return [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
 
 
-def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, Any]:
+def collate(rows: list[list[Example]], pad_id: int, packed: bool, cache=None) -> dict[str, Any]:
     """Right-padded tensors. Packed rows restart position_ids per sequence and pass no
-    attention mask, which transformers turns into a block-diagonal causal mask."""
+    attention mask, which transformers turns into a block-diagonal causal mask. With a teacher-logits
+    `cache`, also its top-k at every counted position (`top_ids`, `top_lp`, `tail`; zeros elsewhere)."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -253,6 +260,8 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, A
             at += n
         pos[r, at:] = torch.arange(width - at)  # padding forms its own block
     batch = {"input_ids": ids, "targets": tgt, "tokens": int((tgt != IGNORE_INDEX).sum())}
+    if cache is not None:
+        batch.update(batch_top_k(rows, width, cache))
     if packed:
         batch["position_ids"] = pos
     else:
@@ -303,11 +312,12 @@ def lean_path_ok(model) -> bool:
 
 @dataclass(kw_only=True)
 class LossSetup:
-    """What the loss needs besides the batch: the vocabulary, the frozen teacher (None: CE only), the
-    memory-lean path, and the KD settings."""
+    """What the loss needs besides the batch: the vocabulary, the frozen teacher or a teacher-logits cache
+    (neither: CE only), the memory-lean path, and the KD settings."""
 
     vocab_size: int
     teacher: Any = None
+    cache: Any = None  # teacher_logits.TeacherLogitsCache: collate adds its top-k to each batch
     lean: bool = True
     kd_ratio: float = 0.5
     kd_loss: str = "forward_kl"
@@ -323,6 +333,13 @@ def micro_batch_loss(student: torch.nn.Module, head: torch.Tensor, batch: dict, 
     targets = batch["targets"]
     kd = dict(kd_ratio=setup.kd_ratio, kd_loss=setup.kd_loss, temperature=setup.temperature, beta=setup.beta,
               alpha=setup.alpha, vocab_size=setup.vocab_size, reduction="sum")
+    if "top_ids" in batch:  # a teacher-logits cache: the KD term on its top-k support plus the tail bucket
+        sparse = (batch["top_ids"], batch["top_lp"], batch["tail"])
+        if setup.lean:
+            h_s = student(**inputs, hidden=True)
+            return chunked_sparse_distill_loss(h_s, head.to(h_s.dtype) if head.dtype != h_s.dtype else head, targets, *sparse,
+                                               chunk_size=setup.chunk_size, **kd)
+        return naive_sparse_distill_loss(student(**inputs, hidden=False), targets, *sparse, **kd)
     t_out = w_t = None
     if setup.teacher is not None:
         with torch.no_grad():  # frozen teacher: only its final hidden state (lean) or its logits
@@ -358,7 +375,7 @@ def measure(model, head: torch.Tensor, examples: list, batch_size: int, pad_id: 
             for k in range(rounds):
                 lo = (k * world + rank) * batch_size
                 part = examples[lo : lo + batch_size]
-                batch = collate([[e] for e in (part or examples[:1])], pad_id, packed=False)
+                batch = collate([[e] for e in (part or examples[:1])], pad_id, packed=False, cache=setup.cache)
                 if not part:  # nothing left for this process: a forward that counts no token
                     batch.update(targets=torch.full_like(batch["targets"], IGNORE_INDEX), tokens=0)
                 batch = {k2: (v.to(acc.device) if torch.is_tensor(v) else v) for k2, v in batch.items()}
@@ -367,14 +384,16 @@ def measure(model, head: torch.Tensor, examples: list, batch_size: int, pad_id: 
         finally:
             model.train(was_training)
     ce, kd, tokens = acc.reduce(sums.to(acc.device), "sum").tolist()
-    return {"ce": ce / max(tokens, 1), "kd": kd / max(tokens, 1) if setup.teacher is not None else None,
+    distils = setup.teacher is not None or setup.cache is not None
+    return {"ce": ce / max(tokens, 1), "kd": kd / max(tokens, 1) if distils else None,
             "tokens": int(tokens), "examples": len(examples)}
 
 
 def train_ce(model, head, examples: list, n: int, batch_size: int, pad_id: int, setup: Any, acc) -> float | None:
     """Mean response-token CE on the first `n` *training* examples (no teacher term); None when n is 0.
     Not held-out: it shows how well the model fits what it trains on (train_ce_before.json)."""
-    result = measure(model, head, examples[:n], batch_size, pad_id, dataclasses.replace(setup, teacher=None, kd_ratio=0.0), acc)
+    result = measure(model, head, examples[:n], batch_size, pad_id, dataclasses.replace(setup, teacher=None, cache=None, kd_ratio=0.0),
+                     acc)
     return None if result is None else round(result["ce"], 6)
 
 
@@ -542,6 +561,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         records, held_recs = heldout_records(cfg, records)
         examples, data_stats = build_examples(records, tok, cfg)
         held = build_examples(held_recs, tok, cfg, source=cfg.eval_data or f"{cfg.data} (eval_split)")[0] if held_recs else []
+        cache = open_cache(cfg.teacher_logits) if cfg.teacher_logits else None
+        if cache is not None:  # built for these examples: settings, then every example's entry (one line if not)
+            check_cache(cache, cfg, tok)
+            check_examples(cache, examples, held)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
         # processes, the output folder, the models
@@ -562,10 +585,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # the chunked loss reads the output weight outside forward: whole weights only (not FSDP / ZeRO-3 shards)
         ds = getattr(acc.state, "deepspeed_plugin", None)
         sharded = acc.distributed_type.name == "FSDP" or getattr(ds, "zero_stage", 0) == 3
+        distils = teacher is not None or cache is not None
         lean = cfg.kd_impl == "chunked" and not sharded and lean_path_ok(student) and (teacher is None or lean_path_ok(teacher))
         if cfg.kd_impl == "chunked" and not lean:
             log.warning("warning: sharded weights or an output layer that is not a plain linear map; using full logits")
-        setup = LossSetup(vocab_size=len(tok), teacher=teacher, lean=lean, kd_ratio=cfg.kd_ratio, kd_loss=cfg.kd_loss,
+        setup = LossSetup(vocab_size=len(tok), teacher=teacher, cache=cache, lean=lean, kd_ratio=cfg.kd_ratio, kd_loss=cfg.kd_loss,
                           temperature=cfg.kd_temperature, beta=cfg.beta, alpha=cfg.skew_alpha, chunk_size=cfg.kd_chunk_size)
 
         # the plan of every epoch, the optimizer and its schedule
@@ -583,6 +607,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         meta = provenance("train", config_dict(cfg), inputs=[p for p in (cfg.data, resolve_model(cfg.model).path, teacher_path)
                                                             if p and Path(p).exists()])
         meta.update(data=data_stats, load_report=report.__dict__)  # meta["config"]: the config, redacted
+        if cache is not None:  # which teacher the cached numbers come from, and how they were stored
+            meta["teacher_logits"] = {"path": str(cache.path), "settings": {k: cache.manifest["settings"].get(k) for k in
+                                      ("teacher", "top_k", "logprob_dtype", "vocab_size", "template", "max_length")},
+                                      "stats": {k: (cache.manifest.get("stats") or {}).get(k) for k in ("examples", "tokens", "bytes")}}
         if held_recs:
             meta["data"]["heldout"] = {"records": len(held_recs), "examples": len(held), "source": cfg.eval_data or "eval_split"}
 
@@ -634,7 +662,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                         break
                     t0 = time.time()
                     step_mbs = mbs[g0 : g0 + group]
-                    batches = [collate([[examples[i] for i in row] for row in mb], pad_id, cfg.packing) for mb in step_mbs]
+                    batches = [collate([[examples[i] for i in row] for row in mb], pad_id, cfg.packing, cache) for mb in step_mbs]
                     step_tokens = sum(b["tokens"] for b in batches)  # over every process: the mean's denominator
                     mine = rank_share(batches, acc)
                     sums = torch.zeros(3, dtype=torch.float64)  # token sums of loss, CE, KD on this process
@@ -657,7 +685,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     run_tokens += step_tokens
                     tps = run_tokens / max(time.time() - run_start, 1e-9)
                     at_epoch = round(epoch + min(g0 + group, len(mbs)) / len(mbs), 4)
-                    last = train_row(step, at_epoch, tokens_seen, loss, ce, kd if cfg.teacher else None, lr, grad_norm, tps,
+                    last = train_row(step, at_epoch, tokens_seen, loss, ce, kd if distils else None, lr, grad_norm, tps,
                                      time.time() - t0)
                     if main:
                         append_log(log_path, [last])
@@ -694,6 +722,9 @@ def make_accelerator(cfg: TrainConfig):
     """The Accelerator for this run and its precision: bf16 on a CUDA GPU that has it (`auto`), else fp32."""
     from accelerate import Accelerator
 
+    from reflect_tune.score import warn_if_one_process
+
+    warn_if_one_process()  # accelerate launch --num_processes N that started one process: say so
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

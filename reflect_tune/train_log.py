@@ -169,7 +169,7 @@ def heldout_summary(held: list, before: Optional[dict], after: Optional[dict], c
     pick = lambda r, k: None if r is None or r.get(k) is None else round(r[k], 6)
     return {"source": cfg.eval_data or "eval_split", "examples": len(held), "tokens": after["tokens"] if after else None,
             "ce_before": pick(before, "ce"), "ce_after": pick(after, "ce"), "kd_before": pick(before, "kd"),
-            "kd_after": pick(after, "kd"), "kd_loss": cfg.kd_loss if cfg.teacher else None}
+            "kd_after": pick(after, "kd"), "kd_loss": cfg.kd_loss if cfg.teacher or cfg.teacher_logits else None}
 
 
 def reset_peak_memory() -> None:

@@ -71,6 +71,16 @@ as reflect_tune.judge's built-in prompt does is answered "Both answers read." an
 `Verdict: [[1]]` / `[[2]]` / `[[tie]]`: always the first / second / tie, or `longer` (the answer
 with more characters; tie when equal). Content faults apply as to any reply. Off by default.
 
+Prompt log-probabilities (vLLM's completions API): with `logits_model=PATH` (a transformers causal LM
+folder, loaded in the server process), POST /v1/completions takes a `prompt` of token ids (a list
+of ints, or a list holding one such list), `max_tokens` >= 1 and `prompt_logprobs=k`, and answers
+as vLLM does: choices[0].prompt_logprobs is a list with one entry per prompt token, null for the
+first and otherwise {"<token id>": {"logprob", "rank", "decoded_token"}} for the model's log_softmax
+(float32, the prompt run once, unpadded) at the position before it: the prompt token first, then
+the top k by rank (k + 1 entries when the prompt token is outside the top k, as vLLM sends them);
+`text` is the most likely next token. A text prompt, or no logits_model, is a 400.
+completion_requests counts these calls.
+
 Stats (`stats()`, GET /_stats; `reset()`, POST /_reset clear them and the attempt counters):
 chat_requests (live calls, any outcome), by_status ({"200": n, "drop": n, ...}), by_key,
 in_flight, max_in_flight, log ([{t, done, key, status, model}] per live call, plus `body` (the
@@ -380,7 +390,7 @@ def _http_response(status: int, payload=None, *, raw: bytes | None = None, ctype
 
 def _new_stats() -> dict:
     return {"chat_requests": 0, "by_status": {}, "by_key": {}, "in_flight": 0, "max_in_flight": 0,
-            "log": [], "files": 0, "batches_created": 0}
+            "log": [], "files": 0, "batches_created": 0, "completion_requests": 0}
 
 
 def _copy_stats(st: dict) -> dict:
@@ -402,7 +412,8 @@ class FakeOpenAI:
     def __init__(self, latency: float = 0.0, api_key: str | None = None, models=None,
                  stall_seconds: float = 30.0, batch_polls: int = 2, seed: int = 0, host: str = "127.0.0.1",
                  port: int = 0, record_bodies: bool = False, reasoning_models=REASONING_MODELS,
-                 reasoning_tokens: int = 40, json_mode: str = "accept", judge: str | None = None):
+                 reasoning_tokens: int = 40, json_mode: str = "accept", judge: str | None = None,
+                 logits_model: str | None = None):
         self.latency, self.models, self.stall_seconds = latency, None if models is None else list(models), stall_seconds
         self.record_bodies, self.reasoning_models = record_bodies, tuple(reasoning_models)
         self.reasoning_tokens = reasoning_tokens
@@ -415,6 +426,13 @@ class FakeOpenAI:
         self._pending: dict[str, dict] = {}  # batch id -> {"polls", "items", "errors"}
         self._conns: set = set()
         self._loop = self._thread = self._server = None
+        self._lm = self._lm_tok = None
+        self._lm_lock = threading.Lock()
+        if logits_model is not None:  # a real model for /v1/completions' prompt_logprobs
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self._lm = AutoModelForCausalLM.from_pretrained(logits_model, dtype="float32").eval()
+            self._lm_tok = AutoTokenizer.from_pretrained(logits_model)
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -532,6 +550,8 @@ class FakeOpenAI:
             return 200, {"ok": True}, {}
         if path == "/v1/chat/completions" and method == "POST":
             return await self._chat(headers, body)
+        if path == "/v1/completions" and method == "POST":
+            return await self._completions(headers, body)
         if not path.startswith("/v1/"):
             return 404, error_body(f"Unknown route {method} {path}", code="unknown_url"), {}
         if not self._authorized(headers):
@@ -588,6 +608,56 @@ class FakeOpenAI:
             cur["in_flight"] = self._in_flight
             cur["by_status"][str(status)] = cur["by_status"].get(str(status), 0) + 1
             entry["status"], entry["done"] = status, time.time()
+
+    # ---------------------------------------------------------------- completions (prompt log-probs)
+    async def _completions(self, headers: dict, body: bytes) -> tuple:
+        self._stats["completion_requests"] += 1
+        if not self._authorized(headers):
+            return 401, error_body("Incorrect API key provided", code="invalid_api_key"), {}
+        try:
+            req = json.loads(body)
+        except ValueError:
+            return 400, error_body("We could not parse the JSON body of your request."), {}
+        prompt = req.get("prompt") if isinstance(req, dict) else None
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        if self._lm is None:
+            return 400, error_body("this fake server has no logits_model; prompt_logprobs are unavailable"), {}
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return 400, error_body("'prompt' must be a non-empty list of token ids", param="prompt"), {}
+        if self.models is not None and req.get("model") not in self.models:
+            return 404, error_body(f"The model `{req.get('model')}` does not exist", code="model_not_found"), {}
+        k = req.get("prompt_logprobs")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            return 400, error_body("'prompt_logprobs' must be a non-negative integer", param="prompt_logprobs"), {}
+        if not isinstance(req.get("max_tokens", 16), int) or req.get("max_tokens", 16) < 1:
+            return 400, error_body("'max_tokens' must be at least 1", param="max_tokens"), {}
+        choice = await asyncio.get_running_loop().run_in_executor(None, self._prompt_logprobs, prompt, k)
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        return 200, {"id": "cmpl-" + _hex(), "object": "text_completion", "created": int(time.time()),
+                     "model": req.get("model"), "choices": [choice],
+                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1, "total_tokens": len(prompt) + 1}}, {}
+
+    def _prompt_logprobs(self, prompt: list, k: int | None) -> dict:
+        """vLLM's choice for `prompt`: the next token, and per prompt token the prompt token + top k (module doc)."""
+        import torch
+
+        with self._lm_lock, torch.no_grad():
+            logp = torch.log_softmax(self._lm(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        entries = None
+        if k is not None:
+            entries = [None]
+            for i in range(1, len(prompt)):
+                row, actual = logp[i - 1], prompt[i]
+                rank = lambda t: int((row > row[t]).sum()) + 1  # noqa: E731  vLLM's rank: 1 + tokens more likely
+                # the prompt token, then the top k without it: k entries when it is among them, else k + 1
+                ids = [actual] + [t for t in row.topk(min(k, row.numel())).indices.tolist() if t != actual]
+                entries.append({str(t): {"logprob": float(row[t]), "rank": rank(t),
+                                         "decoded_token": self._lm_tok.decode([t])} for t in ids})
+        nxt = int(logp[-1].argmax())
+        return {"index": 0, "text": self._lm_tok.decode([nxt]), "logprobs": None, "finish_reason": "length",
+                "stop_reason": None, "prompt_logprobs": entries}
 
     # ---------------------------------------------------------------- files
     def _add_file(self, filename: str, purpose: str, data: bytes) -> dict:
@@ -762,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
                                ("--stall-seconds", float, 30.0), ("--batch-polls", int, 2), ("--seed", int, 0)):
         p.add_argument(flag, type=typ, default=default)
     p.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key")
+    p.add_argument("--logits-model", default=None, help="a model folder whose log-probs /v1/completions returns")
     args = p.parse_args(argv)
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
@@ -770,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     srv = FakeOpenAI(latency=args.latency, api_key=api_key, stall_seconds=args.stall_seconds,
-                     batch_polls=args.batch_polls, seed=args.seed, host=args.host, port=args.port).start()
+                     batch_polls=args.batch_polls, seed=args.seed, host=args.host, port=args.port,
+                     logits_model=args.logits_model).start()
     try:
         print(f"READY {srv.base_url}", flush=True)
         while not done.wait(0.2):
