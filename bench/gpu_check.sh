@@ -34,3 +34,27 @@ if PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import gguf" 2>/dev/nu
         --device cuda --max-tokens 128 --concurrency 64 --no-reask --cache-dir "$OUT/local-teacher/cache" \
         --no-progress 2>&1 | tee "$OUT/local-teacher.log"
 fi
+
+# Teacher logits (issue 17): the cache built on the GPU in process, and, where vLLM is installed, the
+# same cache from a vLLM server's prompt_logprobs (the second producer); the two manifests and the
+# logs land in $OUT. Then bench_teacher_logits.py's live-vs-cache comparison on this GPU.
+if PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import gguf" 2>/dev/null; then
+    TL="$OUT/teacher-logits" && rm -rf "$TL" && mkdir -p "$TL"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m reflect_tune.cli teacher-logits examples/alpaca_small.jsonl \
+        --teacher bundled:smollm2-135m-instruct -o "$TL/local" --top-k 64 --template alpaca --no-progress 2>&1 | tee "$TL/local.log"
+    if "$PY" -c "import vllm" 2>/dev/null; then
+        FOLDER="$("$PY" -c "from reflect_tune.models import resolve_model; print(resolve_model('bundled:smollm2-135m-instruct').path)")"
+        "$PY" -m vllm.entrypoints.openai.api_server --model "$FOLDER" --served-model-name smollm2 --port 8011 \
+            --max-logprobs 64 > "$TL/vllm.log" 2>&1 &
+        VLLM=$!
+        for _ in $(seq 1 120); do curl -sf http://127.0.0.1:8011/v1/models > /dev/null && break; sleep 2; done
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m reflect_tune.cli teacher-logits examples/alpaca_small.jsonl \
+            --teacher smollm2 --teacher-url http://127.0.0.1:8011/v1 --model bundled:smollm2-135m-instruct \
+            -o "$TL/vllm" --top-k 64 --template alpaca --no-progress 2>&1 | tee "$TL/vllm.log.cli" || true
+        kill "$VLLM" || true
+    else
+        echo "vllm is not installed on this machine: the server producer was not run" | tee "$TL/vllm-skipped.txt"
+    fi
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/bench_teacher_logits.py --out "$TL/bench" 2>&1 \
+        | tee "$TL/bench.log" || true
+fi

@@ -92,6 +92,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON file holding an object, or None when it is missing, unreadable or something else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Identify an input: sha256 for files, name/size/mtime of each file for folders."""
     p = Path(path)

@@ -660,6 +660,7 @@ class StageName(str, Enum):
     select = "select"
     teacher_sft = "teacher_sft"
     student_sft = "student_sft"
+    teacher_logits = "teacher_logits"
     train = "train"
     eval = "eval"
     judge = "judge"

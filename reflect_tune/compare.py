@@ -40,7 +40,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from reflect_tune.artifacts import atomic_path, atomic_write_text
+from reflect_tune.artifacts import atomic_path, atomic_write_text, read_json_object
 from reflect_tune.train_log import read_log
 
 DONE, NOT_FINISHED = "done", "not finished"
@@ -131,7 +131,7 @@ def _arm_row(arm: dict, settings: list[str]) -> tuple[dict, dict[str, Optional[s
     its train config (meta.json `config`; {} when unfinished)."""
     row: dict[str, Any] = {"name": arm["name"], **{k: (arm.get("settings") or {}).get(k) for k in settings}}
     train = Path(arm["train"])
-    meta = _read_json(train / "meta.json")
+    meta = read_json_object(train / "meta.json")
     row["status"] = DONE if meta is not None else NOT_FINISHED
     row.update({c: None for c in LOSS_COLUMNS + COST_COLUMNS})
     if meta is None:
@@ -147,9 +147,9 @@ def _arm_row(arm: dict, settings: list[str]) -> tuple[dict, dict[str, Optional[s
                peak_gpu_mib=_num(result.get("peak_gpu_mib")))
     found: dict[str, Optional[str]] = {}
     after = Path(arm["eval"]) / "after" if arm.get("eval") else None
-    evaluated = _read_json(after / "eval.json") if after else None
+    evaluated = read_json_object(after / "eval.json") if after else None
     if evaluated:
-        hib = (_read_json(after / "results.json") or {}).get("higher_is_better") or {}
+        hib = (read_json_object(after / "results.json") or {}).get("higher_is_better") or {}
         for r in evaluated.get("rows") or []:
             col = f"{r['task']}/{r['metric']}" + ("" if r.get("filter") in (None, "none") else f",{r['filter']}")
             row[col], row[f"{col}_stderr"] = _num(r.get("value")), _num(r.get("stderr"))
@@ -279,9 +279,3 @@ def _num(x: Any) -> Optional[float | int]:
     return v if math.isfinite(v) else None
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -44,6 +44,7 @@ from reflect_tune.config import (
     SelectConfig,
     SettingError,
     StudentConfig,
+    TeacherLogitsConfig,
     TrainConfig,
     canonical,
     check_values,
@@ -59,9 +60,10 @@ from reflect_tune.sweep import expand
 
 log = logging.getLogger(__name__)
 
-STAGES = ("student", "reflect", "select", "teacher_sft", "train", "eval", "judge")
+STAGES = ("student", "reflect", "select", "teacher_sft", "teacher_logits", "train", "eval", "judge")
 # the order of the kinds of stage, for --from/--until (student_sft: the student fine-tuned for a sweep arm)
-RANK = {name: i for i, name in enumerate(("student", "reflect", "select", "teacher_sft", "student_sft", "train", "eval", "judge"))}
+RANK = {name: i for i, name in enumerate(("student", "reflect", "select", "teacher_sft", "student_sft", "teacher_logits", "train",
+                                                        "eval", "judge"))}
 TOP_KEYS = ("name", "runs_dir", "data", "format", "split", "turns", "sweep", *STAGES)
 # settings the pipeline sets itself: never in the YAML, never in a key
 OWNED = {"student": ("output", "overwrite"),
@@ -70,6 +72,9 @@ OWNED = {"student": ("output", "overwrite"),
          "train": ("data", "output", "progress", "resume", "overwrite", "format", "split", "turns"),
          # teacher_sft: `model` defaults to train's teacher, `data` to what select kept (any file may be given)
          "teacher_sft": ("output", "progress", "resume", "overwrite", "format", "split", "turns"),
+         # teacher_logits: the teacher, student and data settings are each arm's train settings
+         "teacher_logits": ("data", "output", "teacher", "model", "template", "max_length", "format", "split", "turns",
+                            "eval_data", "eval_split", "seed", "progress", "overwrite"),
          "eval": ("model", "output", "progress", "overwrite"),
          "judge": ("model", "baseline", "output", "progress", "overwrite", "format", "split", "turns")}
 # pipeline-only settings of a stage section (not a setting of the stage's command)
@@ -85,15 +90,18 @@ UNKEYED = {"reflect": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_
            "select": ("batch_tokens", "device"),
            "train": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name"),
            "teacher_sft": ("save_every", "keep_checkpoints", "train_ce_samples", "eval_every", "report_to", "run_name"),
+           "teacher_logits": ("device", "batch_tokens", "concurrency", "timeout", "max_retries", "api_key_env"),
            "eval": ("batch_size", "device", "report_to", "run_name"),
            "judge": ("base_url", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "poll_interval",
                      "no_wait", "cache_dir", "api_key_env", "dry_run", "price_in", "price_out", "batch_size", "device")}
 PATH_KEYS = {"student": ("teacher",), "reflect": ("prompts", "cache_dir", "tokenizer"),
-             "select": ("model", "proxy_model", "scores"), "train": ("model", "teacher", "eval_data"),
+             "select": ("model", "proxy_model", "scores"), "train": ("model", "teacher", "teacher_logits", "eval_data"),
+             "teacher_logits": (),
              "teacher_sft": ("model", "teacher", "eval_data", "data"),
              "eval": ("include_path", "tasks"), "judge": ("data", "prompt", "cache_dir")}
 TRAINS = ("teacher_sft", "student_sft", "train")  # stages that run train.run
 CLASSES = {"student": StudentConfig, "reflect": ReflectConfig, "select": SelectConfig, "teacher_sft": TrainConfig,
+           "teacher_logits": TeacherLogitsConfig,
            "train": TrainConfig, "eval": EvalConfig, "judge": JudgeConfig}
 NOT_REQUIRED = {"eval": ("tasks",), "judge": ("data",)}  # eval: held-out loss alone; judge: the held-out prompts
 
@@ -208,6 +216,18 @@ def load_pipeline(path: str | Path, runs_dir: str | None = None) -> Pipeline:
             raise ReflectTuneError(f"{where('teacher_sft')}: teacher_sft: setting 'model': required when train has no teacher")
         if "reflect" in pipe.sections and "select" not in pipe.sections and not t.get("data"):
             raise ReflectTuneError(f"{where('teacher_sft')}: teacher_sft: after reflect it needs a select section (or 'data')")
+    if "teacher_logits" in pipe.sections:
+        t, tr = pipe.sections["teacher_logits"], pipe.sections.get("train") or {}
+        if "train" not in pipe.sections or not (tr.get("teacher") or "teacher" in ((pipe.sweep or {}).get("axes") or {})):
+            raise ReflectTuneError(f"{where('teacher_logits')}: teacher_logits: caches the KD teacher of a train section; "
+                                   "give train a teacher")
+        if tr.get("teacher_logits"):
+            raise ReflectTuneError(f"{where('train.teacher_logits')}: train: setting 'teacher_logits': a cache folder or a "
+                                   "teacher_logits section, not both")
+        if t.get("teacher_url"):
+            raise ReflectTuneError(f"{where('teacher_logits.teacher_url')}: teacher_logits: setting 'teacher_url': not in a "
+                                   "pipeline (its teachers are local models); build the cache with `reflect-tune teacher-logits "
+                                   "--teacher-url` and give it to train as `teacher_logits: FOLDER`")
     return pipe
 
 
@@ -395,6 +415,9 @@ def plan(pipe: Pipeline) -> list[Stage]:
             up["model"] = _model_id(s["model"])
         if s.get("teacher"):
             up["teacher"] = _model_id(s["teacher"])
+        if s.get("teacher_logits"):  # a cache folder built outside the pipeline: by its files
+            keyed.pop("teacher_logits")
+            up["teacher_logits"] = _content_id(s["teacher_logits"])
         if hold and not s.get("eval_data") and not s.get("eval_split"):
             s["eval_data"] = hold["heldout"]  # the held-out records (the split's key is in the upstream's)
             keyed["eval_data"] = "holdout"
@@ -423,6 +446,11 @@ def plan(pipe: Pipeline) -> list[Stage]:
                         a_s[target], a_keyed[target], a_up[target] = path, sft.name, sft.key
                 else:
                     a_s[name] = a_keyed[name] = value
+            if "teacher_logits" in pipe.sections:  # KD from the teacher's cached top-k: one cache per teacher and data
+                tl = _logits_stage(pipe, stages, add, folder, a_s, a_keyed, a_up, data=data, feed=feed, from_data=from_data,
+                                   student=(s["model"], keyed["model"], up["model"]))
+                a_s["teacher_logits"], a_keyed["teacher_logits"], a_up["teacher_logits"] = str(tl.folder / "cache"), tl.name, tl.key
+                a_s.pop("teacher")
             key, where = folder("train", a_keyed, a_up)
             cfg = TrainConfig(**a_s, data=data, output=str(where), **from_data())
             add("train", key, where, cfg, a_up, arm=arm)
@@ -487,6 +515,27 @@ def _sft_stage(pipe: Pipeline, add, folder, name: str, s: dict[str, Any], *, bas
     key, where = folder(name, keyed, up)
     cfg = TrainConfig(**{**s, "data": s.get("data") or data}, output=str(where), **({} if s.get("data") else from_data()))
     return add(name, key, where, cfg, up), str(where / "merged" if cfg.merge else where)
+
+
+def _logits_stage(pipe: Pipeline, stages: list[Stage], add, folder, arm: dict[str, Any], arm_keyed: dict[str, Any],
+                  arm_up: dict[str, Any], *, data: str, feed: tuple[str, Any], from_data, student: tuple) -> Stage:
+    """The teacher_logits stage an arm distils from: the arm's teacher on the arm's examples (its
+    template, max_length and held-out records), tokenized with the student's tokenizer (the train
+    section's student: a fine-tuned student keeps it). Arms with the same teacher and data settings
+    share one; the cache is `teacher_logits-KEY/cache/`."""
+    s = dict(pipe.sections["teacher_logits"])
+    same = {k: arm[k] for k in ("template", "max_length", "eval_split", "seed") if arm.get(k) is not None}
+    keyed = {**{k: v for k, v in s.items() if k not in UNKEYED["teacher_logits"]}, **same,
+             "teacher": arm_keyed["teacher"], "model": student[1], "eval_data": arm_keyed.get("eval_data")}
+    up = {feed[0]: feed[1], "teacher": arm_up["teacher"], "model": student[2],
+          **({"eval_data": arm_up["eval_data"]} if "eval_data" in arm_up else {})}
+    key, where = folder("teacher_logits", keyed, up)
+    known = next((st for st in stages if st.name == "teacher_logits" and st.key == key), None)
+    if known is not None:
+        return known
+    cfg = TeacherLogitsConfig(**s, **same, data=data, output=str(where / "cache"), teacher=arm["teacher"], model=student[0],
+                              eval_data=arm.get("eval_data"), **from_data())
+    return add("teacher_logits", key, where, cfg, up)
 
 
 def _data_id(pipe: Pipeline) -> dict[str, Any]:
@@ -632,8 +681,17 @@ def _check_before_running(pipe: Pipeline, stages: list[Stage]) -> None:
             elif st.name == "select":
                 selection.validate(st.config, reflected="reflect" in st.upstream or is_reflected(st.config.input))
             elif st.name in TRAINS:  # settings and the output folder; the models load when the stage runs
-                train.validate(dataclasses.replace(st.config, resume=_started(st.folder),
+                cache = st.config.teacher_logits  # one the teacher_logits stage has yet to build: checked when it exists
+                built = cache is None or (Path(cache) / "index.json").is_file() or "teacher_logits" not in st.upstream
+                train.validate(dataclasses.replace(st.config, resume=_started(st.folder), teacher_logits=cache if built else None,
                                                    eval_data=_exists_or(st.config.eval_data, pipe.data)))
+            elif st.name == "teacher_logits":
+                from reflect_tune import teacher_logits
+
+                later = [m for m in (st.config.teacher, st.config.model) if str(pipe.folder) in m and not Path(m).exists()]
+                if not later:  # a teacher or student an earlier stage makes: checked when this stage runs
+                    teacher_logits.validate(dataclasses.replace(st.config, data=_exists_or(st.config.data, pipe.data),
+                                                                eval_data=_exists_or(st.config.eval_data, pipe.data)))
             else:  # eval, judge: before the student is trained, checked on its starting point
                 _validate_comparison(st, pipe)
 
@@ -694,6 +752,15 @@ def _run_stage(st: Stage, progress: bool) -> dict[str, Any]:
 
         return judge.run(dataclasses.replace(st.config, progress=progress))
     st.folder.mkdir(parents=True, exist_ok=True)
+    if st.name == "teacher_logits":  # the cache in cache/ (resumes there); the stage's meta.json beside it, last
+        from reflect_tune import teacher_logits
+
+        summary = teacher_logits.run(dataclasses.replace(st.config, progress=progress))
+        if summary.get("is_main", True):
+            meta = provenance("teacher_logits", st.config, inputs=[])
+            meta.update(key=st.key, upstream=st.upstream, summary=summary)
+            write_meta(st.folder, meta)
+        return summary
     if st.name == "eval":
         summary = _run_eval(st, progress)
         meta = provenance("eval", st.config, inputs=[])

@@ -46,7 +46,7 @@ def write_summary(pipe, stages, hold: dict | None = None) -> Path:
         if meta is None or st.extra.get("arm"):  # the arms of a sweep: in the comparison below
             continue
         out += ["", *{"student": _student_md, "reflect": _reflect_md, "select": _select_md, "train": _train_md,
-                     "teacher_sft": _sft_md, "student_sft": _sft_md, "eval": _eval_md, "judge": _judge_md}[st.name](st, meta)]
+                     "teacher_sft": _sft_md, "student_sft": _sft_md, "teacher_logits": _logits_md, "eval": _eval_md, "judge": _judge_md}[st.name](st, meta)]
     out += _compare_md(pipe.folder / "compare")
     path = pipe.folder / "summary.md"
     atomic_write_text(path, "\n".join(out) + "\n")
@@ -57,6 +57,15 @@ def _sft_md(st, meta: dict) -> list[str]:
     lines = _train_md(st, meta)
     what = "the KD teacher fine-tuned on the target data" if st.name == "teacher_sft" else "the student fine-tuned first"
     return [f"## {st.name}: {what} (`{st.folder.name}/`)", *lines[1:]]
+
+
+def _logits_md(st, meta: dict) -> list[str]:
+    s = meta.get("summary") or {}
+    size = f"{s['bytes'] / 2**20:.1f} MiB ({s.get('bytes_per_token')} bytes/token)" if s.get("bytes") is not None else "?"
+    return [f"## teacher_logits: the teacher's top-{st.config.top_k} log-probabilities, computed once (`{st.folder.name}/cache/`)", "",
+            f"Teacher `{st.config.teacher}` on {s.get('examples')} examples ({s.get('heldout_examples')} held out): "
+            f"{s.get('tokens', 0):,} response tokens, {size}, {s.get('seconds')} s. The train arms that use this teacher "
+            "distil from it without loading the teacher."]
 
 
 def _compare_md(folder: Path) -> list[str]:

@@ -119,11 +119,12 @@ def plan_text(path: str | Path, runs_dir: str | None = None) -> str:
     rate = sum(done_rates) / len(done_rates) if done_rates else None
     source = _count_source(pipe)
     width = max((len(st.folder.name) for st in stages), default=0)
+    name_width = max((len(st.name) for st in stages), default=12)
     lines = [f"{pipe.path}: {len(stages)} stages in {pipe.folder}"
              + (f", {sum(st.name == 'train' for st in stages)} train arms ({pipe.sweep['mode']})" if pipe.sweep else ""), ""]
     total, unknown, guessed = 0.0, 0, 0
     for st in stages:
-        label = f"{st.name:12} {st.folder.name:{width}} {'done' if st.done else 'to run':7}"
+        label = f"{st.name:{name_width}} {st.folder.name:{width}} {'done' if st.done else 'to run':7}"
         if st.name in TRAINS:
             c = st.config
             records, known = _train_records(pipe, st, source)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from reflect_tune.artifacts import (atomic_path, atomic_write_text, check_output_folder, claim_folder, clear_folder,
-                                    default_file_mode, exclusive, fingerprint, lock_beside, owned_by, provenance,
+                                    default_file_mode, exclusive, fingerprint, lock_beside, owned_by, provenance, read_json_object,
                                     write_failure)
 from reflect_tune.config import SettingError, TeacherLogitsConfig, TrainConfig
 from reflect_tune.errors import DataError, ModelError, ReflectTuneError, clip, register_secret, scrub_secrets
@@ -289,14 +289,6 @@ def parse_prompt_logprobs(plp, targets: list[int], k: int, vocab: int, where: st
 # ----------------------------------------------------------------------------- shards, index, manifest
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def shard_keys(folder: Path) -> dict[str, list[str]]:
     """Each finished shard's example keys, by shard name (unreadable shards are skipped with a warning)."""
     from safetensors import safe_open
@@ -358,7 +350,7 @@ def build_index(out: Path) -> tuple[dict[str, list], int, int]:
 
 def check_settings(out: Path, settings: dict, overwrite: bool) -> Optional[dict]:
     """The manifest there, if its settings are this run's; a cache built otherwise is refused (unless --overwrite)."""
-    old = _read_json(out / "manifest.json")
+    old = read_json_object(out / "manifest.json")
     if old is None or overwrite:
         return None
     then = old.get("settings") or {}
@@ -467,8 +459,8 @@ class TeacherLogitsCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.manifest = _read_json(self.path / "manifest.json")
-        index = _read_json(self.path / "index.json")
+        self.manifest = read_json_object(self.path / "manifest.json")
+        index = read_json_object(self.path / "index.json")
         if self.manifest is None or self.manifest.get("format") != FORMAT:
             raise ReflectTuneError(f"{self.path}: not a teacher-logits cache (no manifest.json); build one with "
                                    "reflect-tune teacher-logits")

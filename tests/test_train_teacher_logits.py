@@ -125,3 +125,48 @@ def test_a_cache_that_does_not_fit_is_one_line(models, data, full_cache, tmp_pat
                    "--max-length", "64", "--teacher-logits", str(full_cache))
     assert proc.returncode == 2
     assert "built with max_length 96, this run has 64" in one_error_line(proc.stderr)
+
+
+def test_pipeline_builds_one_cache_per_teacher_and_the_arms_share_it(models, data, tmp_path):
+    """`teacher_logits:` in a pipeline: the cache is a stage keyed by teacher and data settings, built
+    before the arms; arms with the same teacher share it (kd_ratio swept), the fine-tuned teacher gets
+    its own; no arm loads a teacher; a rerun builds and trains nothing; the summary reports the cache."""
+    import shutil
+
+    import yaml
+
+    from reflect_tune.pipeline import plan, load_pipeline, run_pipeline
+
+    student, teacher = models
+    shutil.copy(data, tmp_path / "data.jsonl")
+    c = {"name": "tl", "data": "data.jsonl",
+         "teacher_sft": {"method": "full", "max_steps": 1, "batch_size": 2, "grad_accum": 1, "template": "alpaca",
+                         "max_length": 96, "train_ce_samples": 0},
+         "teacher_logits": {"top_k": 16},
+         "train": {"model": str(student), "teacher": str(teacher), "method": "full", "max_steps": 2, "batch_size": 2,
+                   "grad_accum": 1, "template": "alpaca", "max_length": 96, "eval_split": 0.25, "seed": 3,
+                   "train_ce_samples": 0, "save_every": 0},
+         "sweep": {"teacher": ["base", "finetuned"], "kd_ratio": [0.5, 0.9]}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(c, sort_keys=False), encoding="utf-8")
+    stages = plan(load_pipeline(path, str(tmp_path / "runs")))
+    names = [st.name for st in stages]
+    assert names.count("teacher_logits") == 2 and names.count("train") == 4
+    assert all(names.index("teacher_logits") < i for i, n in enumerate(names) if n == "train")
+    record = run_pipeline(path, runs_dir=str(tmp_path / "runs"), progress=False)
+    assert all(e["status"] == "done" for e in record["stages"])
+    caches = {st.key: st for st in stages if st.name == "teacher_logits"}
+    used = {}
+    for st in (s for s in stages if s.name == "train"):
+        meta = json.loads((st.folder / "meta.json").read_text())
+        assert meta["config"]["teacher"] is None and meta["result"]["heldout"]["kd_after"] is not None
+        assert st.upstream["teacher_logits"] in caches
+        used.setdefault(st.extra["arm"]["teacher"], set()).add(st.upstream["teacher_logits"])
+        assert meta["teacher_logits"]["settings"]["top_k"] == 16
+    assert {k: len(v) for k, v in used.items()} == {"base": 1, "finetuned": 1} and used["base"] != used["finetuned"]
+    finetuned = next(st for st in caches.values() if st.upstream["teacher"] != caches[next(iter(used["base"]))].upstream["teacher"])
+    assert "teacher_sft-" in finetuned.config.teacher  # the fine-tuned teacher's merged folder (method full: the folder)
+    summary = (tmp_path / "runs" / "tl" / "summary.md").read_text()
+    assert summary.count("## teacher_logits: the teacher's top-16") == 2
+    again = run_pipeline(path, runs_dir=str(tmp_path / "runs"), progress=False)
+    assert all(e["skipped"] for e in again["stages"])
