@@ -71,7 +71,7 @@ from reflect_tune.losses import (IGNORE_INDEX, KD_LOSSES, chunked_distill_loss, 
 from reflect_tune.models import load_model, load_tokenizer, resolve_model
 from reflect_tune.progress import Progress
 from reflect_tune.records import TURN_POLICIES, load_records
-from reflect_tune.teacher_logits import batch_top_k, check_cache, check_examples, open_cache
+from reflect_tune.logit_cache import batch_top_k, check_cache, check_examples, open_cache
 from reflect_tune.templates import alpaca_prompt
 from reflect_tune.tracking import check_report_to, open_tracker
 from reflect_tune.train_log import (append_log, peak_memory, reset_peak_memory, eval_row, held_out, heldout_records, heldout_start, heldout_summary,
